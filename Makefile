@@ -1,0 +1,52 @@
+# detr_lite — every target creates/refreshes the virtual environment it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.stamp-installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
+
+.PHONY: venv train test lint unit nbval sync-check lab notebooks bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Main job: train the toy DETR on the bundled data, then evaluate it (COCO AP table).
+train: $(STAMP)
+	$(PY) -m detr_lite.train --config detr-shapes --output runs/detr-shapes
+	$(PY) -m detr_lite.evaluate --checkpoint runs/detr-shapes/checkpoint.pt --json runs/detr-shapes/eval.json
+
+## Full test suite: lint, unit/parity/CLI tests, notebook pairing check, every notebook under nbval.
+test: $(STAMP) lint sync-check unit nbval
+
+lint: $(STAMP)
+	$(PY) -m ruff check detr_lite tests benchmarks notebooks
+
+unit: $(STAMP)
+	$(PY) -m pytest tests -q
+
+sync-check: $(STAMP)
+	$(PY) tests/check_notebook_sync.py $(NOTEBOOKS)
+
+nbval: $(STAMP)
+	MPLBACKEND=Agg $(PY) -m pytest --nbval-lax --sanitize-with tests/nbval_sanitize.cfg notebooks -q -p no:cacheprovider
+
+## JupyterLab on notebooks/ (default token auth; the URL with the token is printed).
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+## Re-execute every notebook from its .py source and refresh the paired .ipynb.
+notebooks: $(STAMP)
+	for nb in $(NOTEBOOKS); do \
+	  MPLBACKEND=Agg $(VENV)/bin/jupytext --to ipynb --execute --set-kernel python3 "$$nb" || exit 1; done
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	for b in benchmarks/bench_*.py; do $(PY) "$$b" || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

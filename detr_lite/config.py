@@ -1,0 +1,214 @@
+"""Configuration dataclasses and named presets.
+
+Nothing in detr_lite passes an argparse namespace around: every builder takes one of these
+dataclasses. ``get_config(name)`` returns a fresh copy of a named preset; ``Config.to_dict`` /
+``Config.from_dict`` round-trip through the checkpoint's ``'config'`` entry.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "detr"  # "detr" | "deformable_detr"
+    num_classes: int = 91  # COCO ids used raw: max id + 1 (softmax models add one no-object logit)
+    # backbone
+    backbone: str = "resnet50"
+    dilation: bool = False  # DC5: replace stride with dilation in layer4
+    pretrained_backbone: bool = False  # ImageNet weights via torchvision's weights API
+    frozen_bn: bool = True  # FrozenBatchNorm2d (pretrained); False -> trainable BatchNorm2d
+    train_backbone: bool = True  # if False, the whole backbone is frozen
+    # transformer
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    num_queries: int = 100
+    position_embedding: str = "sine"  # "sine" | "learned"
+    aux_loss: bool = True
+    # deformable only
+    num_feature_levels: int = 4
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    with_box_refine: bool = False
+    two_stage: bool = False
+    # matcher costs
+    set_cost_class: float = 1.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    # loss weights
+    cls_loss_coef: float = 1.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    eos_coef: float = 0.1  # softmax models: weight of the no-object class
+    focal_alpha: float = 0.25  # focal models (Deformable DETR)
+
+    @property
+    def uses_focal(self) -> bool:
+        return self.arch == "deformable_detr"
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/shapes"  # COCO layout: {train,val}2017/ + annotations/instances_{train,val}2017.json
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    # official multi-scale augmentation (short side choices, max long side); crop branch sizes
+    train_scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    train_max_size: int = 1333
+    crop_resize_scales: tuple[int, ...] = (400, 500, 600)
+    crop_size: tuple[int, int] = (384, 600)
+    val_size: int = 800
+    val_max_size: int = 1333
+    hflip: bool = True
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    lr_linear_proj_mult: float = 0.1  # deformable: sampling_offsets / reference_points
+    weight_decay: float = 1e-4
+    epochs: int = 500
+    lr_drop: int = 400
+    batch_size: int = 2  # per process
+    clip_max_norm: float = 0.1
+    seed: int = 42
+    amp: bool = False  # CUDA only
+    eval_every: int = 1
+    log_every: int = 10
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        def build(dc, values):
+            known = {f.name for f in fields(dc)}
+            unknown = set(values) - known
+            if unknown:
+                raise ValueError(f"config for {dc.__name__}: unknown keys {sorted(unknown)}")
+            kw = {}
+            for f in fields(dc):
+                if f.name in values:
+                    v = values[f.name]
+                    kw[f.name] = tuple(v) if isinstance(v, list) else v
+            return dc(**kw)
+
+        return cls(
+            name=d.get("name", "custom"),
+            model=build(ModelConfig, d.get("model", {})),
+            data=build(DataConfig, d.get("data", {})),
+            train=build(TrainConfig, d.get("train", {})),
+        )
+
+
+def _detr_r50_coco() -> Config:
+    return Config(
+        name="detr-r50-coco",
+        model=ModelConfig(pretrained_backbone=True),
+        data=DataConfig(root="coco"),
+        train=TrainConfig(batch_size=4, epochs=500, lr_drop=400),
+    )
+
+
+def _deformable_r50_coco() -> Config:
+    return Config(
+        name="deformable-detr-r50-coco",
+        model=ModelConfig(
+            arch="deformable_detr",
+            pretrained_backbone=True,
+            dim_feedforward=1024,
+            num_queries=300,
+            set_cost_class=2.0,
+            cls_loss_coef=2.0,
+        ),
+        data=DataConfig(root="coco"),
+        train=TrainConfig(lr=2e-4, lr_backbone=2e-5, batch_size=4, epochs=50, lr_drop=40),
+    )
+
+
+# Small-image settings for the bundled synthetic data (trains on a 2-core CPU).
+_SHAPES_DATA = DataConfig(
+    root="data/shapes",
+    train_scales=(96, 112, 128, 144, 160),
+    train_max_size=213,
+    crop_resize_scales=(100, 125, 150),
+    crop_size=(96, 150),
+    val_size=128,
+    val_max_size=213,
+    num_workers=0,
+)
+
+
+def _detr_shapes() -> Config:
+    return Config(
+        name="detr-shapes",
+        model=ModelConfig(
+            num_classes=6,
+            backbone="resnet18",
+            frozen_bn=False,
+            hidden_dim=128,
+            nheads=8,
+            enc_layers=3,
+            dec_layers=3,
+            dim_feedforward=512,
+            dropout=0.0,
+            num_queries=20,
+        ),
+        data=copy.deepcopy(_SHAPES_DATA),
+        train=TrainConfig(lr=2e-4, lr_backbone=2e-4, epochs=40, lr_drop=30, batch_size=8),
+    )
+
+
+def _deformable_shapes() -> Config:
+    return Config(
+        name="deformable-shapes",
+        model=ModelConfig(
+            arch="deformable_detr",
+            num_classes=6,
+            backbone="resnet18",
+            frozen_bn=False,
+            hidden_dim=128,
+            nheads=8,
+            enc_layers=3,
+            dec_layers=3,
+            dim_feedforward=512,
+            dropout=0.0,
+            num_queries=30,
+            set_cost_class=2.0,
+            cls_loss_coef=2.0,
+        ),
+        data=copy.deepcopy(_SHAPES_DATA),
+        train=TrainConfig(lr=2e-4, lr_backbone=2e-4, epochs=40, lr_drop=30, batch_size=8),
+    )
+
+
+PRESETS = {
+    "detr-shapes": _detr_shapes,
+    "detr-r50-coco": _detr_r50_coco,
+    "deformable-shapes": _deformable_shapes,
+    "deformable-detr-r50-coco": _deformable_r50_coco,
+}
+
+
+def get_config(name: str) -> Config:
+    """A fresh copy of the named preset (see ``PRESETS``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
