@@ -1,0 +1,334 @@
+"""Drawing helpers shared by the notebooks: images, boxes, masks, positional encodings, attention.
+
+Every helper draws with matplotlib at a small fixed size (``FIGSIZE_PER_PANEL`` inches per panel,
+``DPI`` dots per inch) so executed notebooks stay small, and every helper returns the ``Figure`` or
+``Axes`` it drew on, so a notebook can add to it and a test can inspect what was drawn.
+
+Images come in two forms and every helper accepts both:
+
+* a ``torch.Tensor`` ``[3, H, W]`` normalised with the ImageNet mean/std -- what the model sees; it is
+  de-normalised (``denormalize``) before drawing;
+* a ``numpy`` array ``[H, W, 3]`` (uint8 0..255 or float 0..1) -- what ``skimage.data`` returns.
+
+Conventions match the package: masks are ``True`` where a pixel is padding; boxes handed to
+``draw_boxes`` are absolute ``xyxy`` pixels (convert model ``cxcywh`` outputs with
+``torchvision.ops.box_convert`` and scale by the image size first).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FIGSIZE_PER_PANEL = 2.2  # inches per panel (square)
+DPI = 80
+# A fixed colour cycle, so box colours and attention-map titles agree across figures.
+COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
+
+
+# ----------------------------------------------------------------------------------------------------
+# images
+# ----------------------------------------------------------------------------------------------------
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalise a float image ``[3, H, W]`` (or ``[B, 3, H, W]``) with values in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    return (image - mean) / std
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """Undo ``normalize``: ``[3, H, W]`` normalised tensor -> ``[H, W, 3]`` float array in [0, 1]."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"denormalize: image must be [3, H, W], got {tuple(image.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    rgb = (image.detach() * std + mean).clamp(0, 1)
+    return rgb.permute(1, 2, 0).cpu().float().numpy()
+
+
+def to_rgb(image) -> np.ndarray:
+    """Any supported image (normalised tensor or HWC array) -> ``[H, W, 3]`` float array in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        return denormalize(image)
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"to_rgb: numpy image must be [H, W, 3], got {arr.shape}")
+    return arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
+
+
+def _new_axes(ax: Axes | None, size: tuple[float, float] | None = None) -> Axes:
+    if ax is not None:
+        return ax
+    w, h = size or (FIGSIZE_PER_PANEL * 1.4, FIGSIZE_PER_PANEL)
+    _, ax = plt.subplots(figsize=(w, h), dpi=DPI)
+    return ax
+
+
+def show_image(image, ax: Axes | None = None, title: str | None = None) -> Axes:
+    """Draw an image (a normalised ``[3, H, W]`` tensor is de-normalised first); returns the Axes."""
+    ax = _new_axes(ax)
+    ax.imshow(to_rgb(image))
+    if title:
+        ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    return ax
+
+
+def draw_boxes(
+    ax: Axes,
+    boxes_xyxy,
+    labels: Sequence[int] | torch.Tensor | None = None,
+    scores: Sequence[float] | torch.Tensor | None = None,
+    class_names: Sequence[str] | dict[int, str] | None = None,
+    colors: Sequence[str] | None = None,
+    linewidth: float = 1.5,
+) -> list[Rectangle]:
+    """Add one rectangle per absolute ``xyxy`` box to ``ax``, captioned "name score" when given.
+
+    ``class_names`` maps a label id to its name (a list indexed by id or a dict). Colours follow
+    the label (same class, same colour) when labels are given, else the box index.
+    Returns the ``Rectangle`` patches that were added.
+    """
+    boxes = torch.as_tensor(boxes_xyxy, dtype=torch.float32).reshape(-1, 4)
+    colors = colors or COLORS
+    patches = []
+    for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        label = None if labels is None else int(labels[i])
+        color = colors[(label if label is not None else i) % len(colors)]
+        rect = Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=linewidth)
+        ax.add_patch(rect)
+        patches.append(rect)
+        caption = []
+        if label is not None:
+            caption.append(str(class_names[label]) if class_names is not None else str(label))
+        if scores is not None:
+            caption.append(f"{float(scores[i]):.2f}")
+        if caption:
+            ax.text(
+                x0,
+                y0,
+                " ".join(caption),
+                fontsize=6,
+                color="white",
+                va="bottom",
+                bbox=dict(facecolor=color, alpha=0.7, pad=1, linewidth=0),
+            )
+    return patches
+
+
+def show_boxes(
+    image,
+    boxes_xyxy,
+    labels=None,
+    scores=None,
+    class_names=None,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """``show_image`` followed by ``draw_boxes``: an image with its (absolute xyxy) boxes."""
+    ax = show_image(image, ax=ax, title=title)
+    draw_boxes(ax, boxes_xyxy, labels=labels, scores=scores, class_names=class_names)
+    return ax
+
+
+def show_mask(mask: torch.Tensor, ax: Axes | None = None, title: str | None = None) -> Axes:
+    """Draw a padding mask ``[H, W]`` (True = padded) as black = real pixel, white = padding."""
+    if mask.dim() != 2:
+        raise ValueError(f"show_mask: mask must be [H, W], got {tuple(mask.shape)}")
+    ax = _new_axes(ax)
+    ax.imshow(mask.detach().cpu().float().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title or f"mask {tuple(mask.shape)}  (white = pad)", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return ax
+
+
+# ----------------------------------------------------------------------------------------------------
+# positional encodings
+# ----------------------------------------------------------------------------------------------------
+def plot_pe_channels(
+    pos: torch.Tensor, channels: Sequence[int], titles: Sequence[str] | None = None
+) -> Figure:
+    """One panel per channel of a positional encoding ``[C, h, w]`` (or ``[1, C, h, w]``), range [-1, 1]."""
+    if pos.dim() == 4:
+        pos = pos[0]
+    if pos.dim() != 3:
+        raise ValueError(f"plot_pe_channels: pos must be [C, h, w], got {tuple(pos.shape)}")
+    n = len(channels)
+    fig, axes = plt.subplots(
+        1, n, figsize=(FIGSIZE_PER_PANEL * n * 0.8, FIGSIZE_PER_PANEL * 0.8), dpi=DPI, squeeze=False
+    )
+    for k, (ax, c) in enumerate(zip(axes[0], channels)):
+        ax.imshow(pos[c].detach().cpu().numpy(), cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_title(titles[k] if titles else f"channel {c}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention maps
+# ----------------------------------------------------------------------------------------------------
+def _upsample(attn_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize a feature-grid map ``[h, w]`` to image size ``(H, W)`` for overlaying."""
+    m = attn_map.detach().float().cpu()[None, None]
+    return F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def show_attention(
+    image,
+    attn_map: torch.Tensor,
+    ax: Axes | None = None,
+    point: tuple[float, float] | None = None,
+    title: str | None = None,
+    alpha: float = 0.6,
+) -> Axes:
+    """Overlay a feature-grid attention map ``[h, w]`` on the image (upsampled to its size).
+
+    ``point`` = (x, y) in image pixels marks the query location (e.g. the encoder pixel that attends).
+    """
+    if attn_map.dim() != 2:
+        raise ValueError(f"show_attention: attn_map must be [h, w], got {tuple(attn_map.shape)}")
+    rgb = to_rgb(image)
+    ax = show_image(rgb, ax=ax, title=title)
+    ax.imshow(_upsample(attn_map, rgb.shape[:2]), cmap="inferno", alpha=alpha)
+    if point is not None:
+        ax.plot([point[0]], [point[1]], marker="o", color="cyan", markersize=5, markeredgecolor="black")
+    return ax
+
+
+def show_attention_maps(
+    image,
+    maps: torch.Tensor,
+    boxes=None,
+    titles: Sequence[str] | None = None,
+    points: Sequence[tuple[float, float]] | None = None,
+    max_cols: int = 6,
+) -> Figure:
+    """The DETR-colab picture: for each map, the raw attention ``[h, w]`` on top and the image below.
+
+    ``maps`` ``[n, h, w]``; ``boxes`` ``[n, 4]`` absolute xyxy (one per map, e.g. the query's
+    predicted box) and/or ``points`` (x, y) are drawn on the image panel in the map's colour.
+    At most ``max_cols`` maps are drawn.
+    """
+    if maps.dim() != 3:
+        raise ValueError(f"show_attention_maps: maps must be [n, h, w], got {tuple(maps.shape)}")
+    n = min(maps.shape[0], max_cols)
+    fig, axes = plt.subplots(
+        2, n, figsize=(FIGSIZE_PER_PANEL * n * 0.9, FIGSIZE_PER_PANEL * 1.6), dpi=DPI, squeeze=False
+    )
+    rgb = to_rgb(image)
+    for i in range(n):
+        color = COLORS[i % len(COLORS)]
+        top, bottom = axes[0, i], axes[1, i]
+        top.imshow(maps[i].detach().float().cpu().numpy(), cmap="inferno", interpolation="nearest")
+        top.set_title(titles[i] if titles else f"map {i}", fontsize=8, color=color)
+        top.axis("off")
+        show_image(rgb, ax=bottom)
+        if boxes is not None:
+            draw_boxes(bottom, torch.as_tensor(boxes)[i : i + 1], colors=[color])
+        if points is not None:
+            x, y = points[i]
+            bottom.plot([x], [y], marker="o", color=color, markersize=5, markeredgecolor="black")
+    fig.tight_layout()
+    return fig
+
+
+def _feature_grid(image_hw: tuple[int, int], num_tokens: int) -> tuple[int, int, int]:
+    """Recover the feature grid ``(h, w, stride)`` of a backbone from the image size and token count."""
+    H, W = image_hw
+    for stride in (32, 16, 8, 64):
+        h, w = math.ceil(H / stride), math.ceil(W / stride)
+        if h * w == num_tokens:
+            return h, w, stride
+    raise ValueError(f"cannot match {num_tokens} attention tokens to image {H}x{W} at stride 8/16/32/64")
+
+
+@torch.no_grad()
+def encoder_attention(
+    model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | None = None, layer: int = -1
+) -> torch.Tensor:
+    """Self-attention of one DETR encoder layer (heads averaged) as ``[h, w, h, w]``.
+
+    ``out[i, j]`` is the map over the feature grid that feature cell ``(i, j)`` attends to. The
+    weights come from ``detr_lite.transformer.capture_attention`` (no forward hooks needed).
+    """
+    from detr_lite.transformer import capture_attention
+
+    if image.dim() != 3:
+        raise ValueError(
+            f"encoder_attention: image must be one normalised [3, H, W], got {tuple(image.shape)}"
+        )
+    model.eval()
+    with capture_attention(model) as attn:
+        model(image[None], None if mask is None else mask[None])
+    enc = [v for k, v in attn.items() if "encoder" in k]
+    if not enc:
+        raise ValueError(f"encoder_attention: no encoder attention captured; got keys {list(attn)[:4]}...")
+    weights = enc[layer][0].mean(0)  # [heads, HW, HW] -> [HW, HW]
+    h, w, _ = _feature_grid(tuple(image.shape[-2:]), weights.shape[-1])
+    return weights.reshape(h, w, h, w)
+
+
+def attention_explorer(
+    model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | None = None, layer: int = -1
+):
+    """Interactive encoder-attention explorer: move a point over the image, see what it attends to.
+
+    Runs the model once (``encoder_attention``), then two ``ipywidgets`` sliders pick a pixel
+    (x, y); the panel on the right shows the attention of the feature cell under that pixel.
+    Returns an ``ipywidgets.VBox``; its ``.draw(x, y)`` method redraws for a point and returns the
+    Figure (handy for static notebooks and tests).
+    """
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    attn = encoder_attention(model, image, mask, layer)
+    h, w = attn.shape[:2]
+    H, W = image.shape[-2:]
+    stride = _feature_grid((H, W), h * w)[2]
+    rgb = to_rgb(image)
+
+    def draw(x: int, y: int) -> Figure:
+        i, j = min(int(y) // stride, h - 1), min(int(x) // stride, w - 1)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(FIGSIZE_PER_PANEL * 2.4, FIGSIZE_PER_PANEL), dpi=DPI)
+        show_image(rgb, ax=left, title=f"query pixel ({int(x)}, {int(y)})")
+        left.plot([x], [y], marker="o", color="cyan", markersize=6, markeredgecolor="black")
+        show_attention(rgb, attn[i, j], ax=right, point=(x, y), title=f"encoder attention, cell ({i}, {j})")
+        fig.tight_layout()
+        return fig
+
+    out = widgets.Output()
+    xs = widgets.IntSlider(value=W // 2, min=0, max=W - 1, description="x")
+    ys = widgets.IntSlider(value=H // 2, min=0, max=H - 1, description="y")
+
+    def update(change=None):
+        with out:
+            out.clear_output(wait=True)
+            fig = draw(xs.value, ys.value)
+            display(fig)
+            plt.close(fig)
+
+    xs.observe(update, names="value")
+    ys.observe(update, names="value")
+    update()
+    box = widgets.VBox([widgets.HBox([xs, ys]), out])
+    box.draw = draw
+    box.attention = attn
+    return box
+
+
+# ----------------------------------------------------------------------------------------------------
+# deformable-attention helpers (H5) go below this line
+# ----------------------------------------------------------------------------------------------------

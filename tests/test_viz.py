@@ -1,0 +1,93 @@
+"""detr_lite.viz: the drawing helpers draw what they are asked to, and de-normalisation is exact."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from detr_lite import viz  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def test_denormalize_inverts_normalize():
+    torch.manual_seed(0)
+    rgb = torch.rand(3, 7, 5)
+    out = viz.denormalize(viz.normalize(rgb))
+    assert out.shape == (7, 5, 3)
+    np.testing.assert_allclose(out, rgb.permute(1, 2, 0).numpy(), atol=1e-6)
+
+
+def test_normalize_matches_torchvision():
+    from torchvision.transforms import v2
+
+    rgb = torch.rand(3, 4, 6)
+    ref = v2.Normalize(viz.IMAGENET_MEAN, viz.IMAGENET_STD)(rgb)
+    assert torch.allclose(viz.normalize(rgb), ref, atol=1e-6)
+
+
+def test_to_rgb_accepts_uint8_and_rejects_bad_shape():
+    arr = np.full((4, 4, 3), 255, dtype=np.uint8)
+    assert viz.to_rgb(arr).max() == 1.0
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        viz.denormalize(torch.zeros(4, 4))
+
+
+def test_draw_boxes_adds_one_rectangle_per_box_with_captions():
+    ax = viz.show_image(viz.normalize(torch.rand(3, 40, 60)))
+    boxes = torch.tensor([[1.0, 2.0, 11.0, 22.0], [5.0, 5.0, 30.0, 35.0]])
+    patches = viz.draw_boxes(
+        ax, boxes, labels=[1, 2], scores=[0.9, 0.5], class_names=["bg", "circle", "square"]
+    )
+    assert len(patches) == 2 and all(isinstance(p, Rectangle) for p in patches)
+    assert patches[0].get_xy() == (1.0, 2.0)
+    assert (patches[0].get_width(), patches[0].get_height()) == (10.0, 20.0)
+    captions = [t.get_text() for t in ax.texts]
+    assert captions == ["circle 0.90", "square 0.50"]
+
+
+def test_show_mask_draws_padding_white():
+    mask = torch.zeros(6, 8, dtype=torch.bool)
+    mask[:, 5:] = True
+    ax = viz.show_mask(mask)
+    data = ax.images[0].get_array()
+    assert data[0, 7] == 1.0 and data[0, 0] == 0.0
+
+
+def test_plot_pe_channels_one_panel_per_channel():
+    fig = viz.plot_pe_channels(torch.zeros(1, 16, 5, 7), channels=[0, 3, 8])
+    assert isinstance(fig, Figure) and len(fig.axes) == 3
+    assert fig.axes[1].get_title() == "channel 3"
+
+
+def test_show_attention_maps_layout_and_boxes():
+    image = viz.normalize(torch.rand(3, 64, 96))
+    maps = torch.rand(3, 2, 3)
+    fig = viz.show_attention_maps(
+        image, maps, boxes=torch.tensor([[0, 0, 10, 10]] * 3), titles=["a", "b", "c"]
+    )
+    assert len(fig.axes) == 6  # 2 rows x 3 maps
+    assert [fig.axes[i].get_title() for i in range(3)] == ["a", "b", "c"]
+    assert sum(isinstance(p, Rectangle) for p in fig.axes[4].patches) == 1
+
+
+def test_show_attention_upsamples_to_image_size():
+    ax = viz.show_attention(np.zeros((64, 96, 3), dtype=np.uint8), torch.rand(2, 3), point=(5, 5))
+    assert ax.images[-1].get_array().shape == (64, 96)
+
+
+def test_feature_grid_recovers_stride():
+    assert viz._feature_grid((300, 451), 10 * 15) == (10, 15, 32)
+    assert viz._feature_grid((300, 451), 19 * 29) == (19, 29, 16)
+    with pytest.raises(ValueError, match="cannot match"):
+        viz._feature_grid((300, 451), 7)
