@@ -1,0 +1,174 @@
+"""Stage 1: the CNN backbone (a torchvision ResNet) and its downsampled padding masks.
+
+An image batch ``[B, 3, H, W]`` goes through a ResNet; we keep the outputs of the stages named in
+``return_layers`` (DETR: only ``layer4`` -> ``[B, 2048, H/32, W/32]`` for ResNet-50; Deformable DETR:
+``layer2``, ``layer3``, ``layer4`` -> strides 8, 16, 32). The padding mask ``[B, H, W]`` (True = padded
+pixel) is shrunk to every feature map by nearest-neighbour interpolation, exactly like the official code.
+
+Official DETR details reproduced here:
+
+* BatchNorm is *frozen* (``FrozenBatchNorm2d``: fixed statistics and affine, eps 1e-5) when the ResNet
+  starts from ImageNet weights; a from-scratch backbone uses ordinary trainable ``BatchNorm2d``.
+* Only ``layer2``, ``layer3`` and ``layer4`` are trained; ``conv1``/``bn1``/``layer1`` stay fixed.
+* DC5 ("dilated C5") replaces the stride of ``layer4`` by a dilation: stride 16 instead of 32.
+* Parameter names: ``body.conv1.weight``, ``body.layer1.0.bn1.running_mean`` ... are torchvision's, so the
+  official ``backbone.0.body.*`` keys map to ours by dropping the ``0.``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+
+from detr_lite.config import ModelConfig
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+_STAGES = ("layer1", "layer2", "layer3", "layer4")
+_TRAINABLE_STAGES = ("layer2", "layer3", "layer4")  # official: conv1 and layer1 stay frozen
+_WEIGHT_ENUMS = {
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+    "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
+    "resnet101": "ResNet101_Weights.IMAGENET1K_V1",
+}
+
+
+class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
+    """torchvision's ``FrozenBatchNorm2d`` (same buffers, same eps 1e-5, same maths), computed with one
+    fused ``F.batch_norm`` call in inference mode instead of ``x * scale + bias`` (two passes over the
+    activation). The statistics and the affine are buffers, so nothing here is ever trained."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
+        )
+
+
+def validate_images_and_mask(images: Tensor, mask: Tensor | None) -> None:
+    """Raise a one-line ``ValueError`` unless ``images`` is ``[B, 3, H, W]`` and ``mask`` is ``[B, H, W]``
+    bool (or None)."""
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images: expected a 4-D tensor [B, 3, H, W], got shape {got}")
+    if images.shape[1] != 3:
+        raise ValueError(f"images: expected 3 channels [B, 3, H, W], got shape {tuple(images.shape)}")
+    if mask is None:
+        return
+    b, _, h, w = images.shape
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != (b, h, w):
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask: expected shape (B, H, W) = {(b, h, w)} matching images, got {got}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask: expected dtype torch.bool (True = padded pixel), got {mask.dtype}")
+
+
+def _load_imagenet_weights(resnet: nn.Module, name: str) -> bool:
+    """Load torchvision's ImageNet weights into ``resnet``: from the torch hub cache when the file is
+    there, otherwise by download. Offline and not cached -> one warning line, random init kept."""
+    weights = torchvision.models.get_weight(_WEIGHT_ENUMS[name])
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            weights.url, map_location="cpu", progress=False, weights_only=True
+        )
+    except Exception as err:  # offline (URLError, OSError, ...): keep going with random weights
+        warnings.warn(
+            f"backbone: ImageNet weights for {name} are not cached at {cache} and could not be "
+            f"downloaded ({type(err).__name__}); continuing with a randomly initialised backbone",
+            stacklevel=3,
+        )
+        return False
+    resnet.load_state_dict(state)
+    return True
+
+
+class Backbone(nn.Module):
+    """ResNet trunk returning ``[(feature [B, C, h, w], mask [B, h, w]), ...]`` for ``return_layers``.
+
+    Attributes: ``num_channels`` and ``strides`` (one entry per returned layer), ``body`` (torchvision
+    ResNet modules, truncated after the last returned layer, ``fc``/``avgpool`` dropped),
+    ``channels_last`` (run convolutions in NHWC memory layout; faster with oneDNN on CPU and with
+    tensor cores on GPU, identical maths).
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet50",
+        *,
+        return_layers: Sequence[str] = ("layer4",),
+        train_backbone: bool = True,
+        frozen_bn: bool = True,
+        dilation: bool = False,
+        pretrained: bool = False,
+        channels_last: bool = True,
+    ):
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"ModelConfig.backbone: expected one of {RESNETS}, got {name!r}")
+        bad = [layer for layer in return_layers if layer not in _STAGES]
+        if bad or not return_layers:
+            raise ValueError(
+                f"return_layers: expected a non-empty subset of {_STAGES}, got {tuple(return_layers)}"
+            )
+        basic = name in ("resnet18", "resnet34")
+        if dilation and basic:
+            raise ValueError(
+                f"ModelConfig.dilation: DC5 needs a bottleneck ResNet (resnet50/101), got {name!r}"
+            )
+
+        norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        resnet = getattr(torchvision.models, name)(
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer
+        )
+        self.pretrained_loaded = _load_imagenet_weights(resnet, name) if pretrained else False
+
+        # Official rule: train layer2-4 only (and nothing when train_backbone is False).
+        for pname, param in resnet.named_parameters():
+            keep = train_backbone and pname.split(".")[0] in _TRAINABLE_STAGES
+            param.requires_grad_(keep)
+
+        order = sorted(return_layers, key=_STAGES.index)
+        self.return_layers = tuple(order)
+        self.body = IntermediateLayerGetter(resnet, return_layers={layer: layer for layer in order})
+
+        width = [64, 128, 256, 512] if basic else [256, 512, 1024, 2048]
+        stride = [4, 8, 16, 16 if dilation else 32]
+        self.num_channels = [width[_STAGES.index(layer)] for layer in order]
+        self.strides = [stride[_STAGES.index(layer)] for layer in order]
+
+        self.channels_last = channels_last
+        if channels_last:
+            self.body.to(memory_format=torch.channels_last)
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+        validate_images_and_mask(images, mask)
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        x = images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        feats = self.body(x)
+        out = []
+        for layer in self.return_layers:
+            feat = feats[layer]
+            # nearest-neighbour resize of the padding mask, as the official code does
+            small = F.interpolate(mask[None].float(), size=feat.shape[-2:]).to(torch.bool)[0]
+            out.append((feat, small))
+        return out
+
+
+def build_backbone(cfg: ModelConfig, return_layers: Sequence[str] = ("layer4",)) -> Backbone:
+    """The backbone described by ``cfg`` (name, dilation, frozen BN, pretrained, train_backbone)."""
+    return Backbone(
+        cfg.backbone,
+        return_layers=return_layers,
+        train_backbone=cfg.train_backbone,
+        frozen_bn=cfg.frozen_bn,
+        dilation=cfg.dilation,
+        pretrained=cfg.pretrained_backbone,
+    )
