@@ -61,7 +61,9 @@ def _rewrite_split(root: Path, split: str, id_offset: int, crowd_every: int, min
     real = {cid: (name, sup) for cid, name, sup in FIXTURE_CATEGORIES}
     if old_cats != sorted(real):
         raise ValueError(f"{ann_path}: categories {old_cats}, expected {sorted(real)}")
-    coco["categories"] = [{"id": cid, "name": real[cid][0], "supercategory": real[cid][1]} for cid in old_cats]
+    coco["categories"] = [
+        {"id": cid, "name": real[cid][0], "supercategory": real[cid][1]} for cid in old_cats
+    ]
 
     # sparse image ids + 12-digit JPEG names; one grayscale image per split
     new_id = {}
@@ -105,18 +107,32 @@ def _rewrite_split(root: Path, split: str, id_offset: int, crowd_every: int, min
     }
 
 
-def make_coco_fixture(out_dir: str | Path, seed: int = 0, num_train: int = 6, num_val: int = 4,
-                      image_size: tuple[int, int] = (64, 96), max_objects: int = 4,
-                      crowd_every: int = 5, min_crowd: int = 2) -> dict:
+def make_coco_fixture(
+    out_dir: str | Path,
+    seed: int = 0,
+    num_train: int = 6,
+    num_val: int = 4,
+    image_size: tuple[int, int] = (64, 96),
+    max_objects: int = 4,
+    crowd_every: int = 5,
+    min_crowd: int = 2,
+) -> dict:
     """Write a COCO-2017-like dataset under ``out_dir`` (``train2017/``, ``val2017/``, ``annotations/``).
 
     Returns ``{split: {'images', 'annotations', 'crowd', 'image_ids'}}``. Deterministic for a seed.
     Every ``crowd_every``-th annotation (at least ``min_crowd`` per split) is an ``iscrowd=1`` region.
     """
     out = Path(out_dir)
-    generate(out, seed=seed, num_train=num_train, num_val=num_val, image_size=tuple(image_size),
-             max_objects=max_objects, empty_fraction=0.0,
-             category_ids=tuple(cid for cid, _, _ in FIXTURE_CATEGORIES))
+    generate(
+        out,
+        seed=seed,
+        num_train=num_train,
+        num_val=num_val,
+        image_size=tuple(image_size),
+        max_objects=max_objects,
+        empty_fraction=0.0,
+        category_ids=tuple(cid for cid, _, _ in FIXTURE_CATEGORIES),
+    )
     return {
         "train2017": _rewrite_split(out, "train2017", 100, crowd_every, min_crowd),
         "val2017": _rewrite_split(out, "val2017", 500_000, crowd_every, min_crowd),

@@ -176,8 +176,13 @@ def verify_file(path: str | os.PathLike, num_bytes: int | None = None, md5: str 
             raise ValueError(f"{path}: md5 {got}, expected {md5}")
 
 
-def download_file(url: str, dest: str | os.PathLike, num_bytes: int | None = None, md5: str | None = None,
-                  progress: bool = True) -> Path:
+def download_file(
+    url: str,
+    dest: str | os.PathLike,
+    num_bytes: int | None = None,
+    md5: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Download ``url`` to ``dest`` (resuming a partial ``dest.part``), then verify size and MD5.
 
     A file already at ``dest`` with the right size and sum is kept as is.
@@ -210,8 +215,12 @@ def download_file(url: str, dest: str | os.PathLike, num_bytes: int | None = Non
     return dest
 
 
-def download_coco(root: str | os.PathLike, parts: tuple[str, ...] = ("annotations", "val", "train"),
-                  keep_zips: bool = False, archives: dict[str, CocoArchive] | None = None) -> list[str]:
+def download_coco(
+    root: str | os.PathLike,
+    parts: tuple[str, ...] = ("annotations", "val", "train"),
+    keep_zips: bool = False,
+    archives: dict[str, CocoArchive] | None = None,
+) -> list[str]:
     """Opt-in: fetch, verify (size + MD5) and unzip the official COCO 2017 archives into ``root``.
 
     Parts whose files are already in place are skipped. Before downloading anything, checks that
@@ -229,7 +238,9 @@ def download_coco(root: str | os.PathLike, parts: tuple[str, ...] = ("annotation
     need = sum(2 * a.num_bytes for a in todo if not (root / a.name).is_file())
     free = shutil.disk_usage(root).free
     if need > free:
-        raise ValueError(f"{root}: {_human_bytes(free)} free, the download + unzip needs about {_human_bytes(need)}")
+        raise ValueError(
+            f"{root}: {_human_bytes(free)} free, the download + unzip needs about {_human_bytes(need)}"
+        )
     for a in todo:
         print(f"downloading {a.url} ({a.human_size}) ...", flush=True)
         zpath = download_file(a.url, root / a.name, a.num_bytes, a.md5)
@@ -250,12 +261,23 @@ def _present(p: Path) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_args(config: str, data: str | os.PathLike, output: str | os.PathLike, *, epochs: int | None = None,
-               batch_size: int | None = None, amp: bool = False, channels_last: bool = False,
-               compile: bool = False, num_workers: int | None = None,
-               pretrained_backbone: bool | None = None, finetune: str | os.PathLike | None = None,
-               max_iters_per_epoch: int | None = None, device: str | None = None,
-               extra: list[str] | None = None) -> list[str]:
+def train_args(
+    config: str,
+    data: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    amp: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+    num_workers: int | None = None,
+    pretrained_backbone: bool | None = None,
+    finetune: str | os.PathLike | None = None,
+    max_iters_per_epoch: int | None = None,
+    device: str | None = None,
+    extra: list[str] | None = None,
+) -> list[str]:
     """Arguments for ``python -m detr_lite.train`` (everything after the module name)."""
     args = ["--config", config, "--data", str(data), "--output", str(output)]
     if epochs is not None:
@@ -288,10 +310,19 @@ def with_resume(args: list[str], output: str | os.PathLike) -> list[str]:
     return list(args)
 
 
-def torchrun_command(module_args: list[str], nproc_per_node: int = 1, *, module: str = "detr_lite.train",
-                     nnodes: int = 1, node_rank: int | None = None, master_addr: str | None = None,
-                     master_port: int = 29500, rdzv_endpoint: str | None = None, rdzv_id: str = "detr_lite",
-                     python: str | None = None) -> list[str]:
+def torchrun_command(
+    module_args: list[str],
+    nproc_per_node: int = 1,
+    *,
+    module: str = "detr_lite.train",
+    nnodes: int = 1,
+    node_rank: int | None = None,
+    master_addr: str | None = None,
+    master_port: int = 29500,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "detr_lite",
+    python: str | None = None,
+) -> list[str]:
     """The argv that runs ``python -m <module> <module_args>`` under torchrun.
 
     * one node (``nnodes=1``): ``--standalone`` picks a free port on localhost by itself;
@@ -309,13 +340,29 @@ def torchrun_command(module_args: list[str], nproc_per_node: int = 1, *, module:
     if nnodes == 1:
         cmd += ["--standalone", "--nnodes", "1"]
     elif rdzv_endpoint is not None:
-        cmd += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
-                "--rdzv-id", rdzv_id]
+        cmd += [
+            "--nnodes",
+            str(nnodes),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            rdzv_endpoint,
+            "--rdzv-id",
+            rdzv_id,
+        ]
     elif master_addr is not None and node_rank is not None:
         if not 0 <= node_rank < nnodes:
             raise ValueError(f"torchrun_command: node_rank={node_rank}, expected 0..{nnodes - 1}")
-        cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", master_addr,
-                "--master-port", str(master_port)]
+        cmd += [
+            "--nnodes",
+            str(nnodes),
+            "--node-rank",
+            str(node_rank),
+            "--master-addr",
+            master_addr,
+            "--master-port",
+            str(master_port),
+        ]
     else:
         raise ValueError(
             f"torchrun_command: nnodes={nnodes} needs rdzv_endpoint='host:port' or master_addr + node_rank"
@@ -385,8 +432,12 @@ def running_pid(output_dir: str | os.PathLike) -> int | None:
     return pid
 
 
-def launch_detached(cmd: list[str], output_dir: str | os.PathLike, env: dict[str, str] | None = None,
-                    cwd: str | os.PathLike | None = None) -> int:
+def launch_detached(
+    cmd: list[str],
+    output_dir: str | os.PathLike,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> int:
     """Start ``cmd`` in its own session (survives the notebook kernel), unless one is running.
 
     stdout and stderr go to ``output_dir/train.out`` (appended); ``output_dir/train.pid`` records
@@ -402,8 +453,15 @@ def launch_detached(cmd: list[str], output_dir: str | os.PathLike, env: dict[str
     with open(out / STDOUT_FILE, "ab") as log:
         log.write(f"\n$ {shell_line(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=full_env, cwd=cwd)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=full_env,
+            cwd=cwd,
+        )
     info = {"pid": proc.pid, "start_time": _proc_start_time(proc.pid), "cmd": cmd, "started": time.time()}
     tmp = out / (PID_FILE + ".tmp")
     tmp.write_text(json.dumps(info))

@@ -105,7 +105,9 @@ def _local_archive(tmp_path: Path) -> launch.CocoArchive:
     with zipfile.ZipFile(src, "w") as zf:
         zf.writestr("val2017/000000000139.jpg", b"jpeg bytes")
     data = src.read_bytes()
-    return launch.CocoArchive("val2017.zip", src.as_uri(), len(data), hashlib.md5(data).hexdigest(), ("val2017",))
+    return launch.CocoArchive(
+        "val2017.zip", src.as_uri(), len(data), hashlib.md5(data).hexdigest(), ("val2017",)
+    )
 
 
 def test_download_verifies_and_unzips(tmp_path):
@@ -142,11 +144,34 @@ def test_download_refuses_without_disk_space(tmp_path):
 
 
 def test_train_args_and_resume(tmp_path):
-    args = launch.train_args("detr-r50-coco", "/data/coco", tmp_path, epochs=500, batch_size=4, amp=True,
-                             channels_last=True, num_workers=8, pretrained_backbone=False)
-    assert args == ["--config", "detr-r50-coco", "--data", "/data/coco", "--output", str(tmp_path),
-                    "--epochs", "500", "--batch-size", "4", "--amp", "--channels-last", "--num-workers", "8",
-                    "--no-pretrained-backbone"]
+    args = launch.train_args(
+        "detr-r50-coco",
+        "/data/coco",
+        tmp_path,
+        epochs=500,
+        batch_size=4,
+        amp=True,
+        channels_last=True,
+        num_workers=8,
+        pretrained_backbone=False,
+    )
+    assert args == [
+        "--config",
+        "detr-r50-coco",
+        "--data",
+        "/data/coco",
+        "--output",
+        str(tmp_path),
+        "--epochs",
+        "500",
+        "--batch-size",
+        "4",
+        "--amp",
+        "--channels-last",
+        "--num-workers",
+        "8",
+        "--no-pretrained-backbone",
+    ]
     assert "--resume" not in launch.with_resume(args, tmp_path)
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     resumed = launch.with_resume(args, tmp_path)
@@ -156,20 +181,37 @@ def test_train_args_and_resume(tmp_path):
 
 def test_torchrun_single_node():
     cmd = launch.torchrun_command(["--config", "x"], 1, python="py")
-    assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "1",
-                   "-m", "detr_lite.train", "--config", "x"]
+    assert cmd == [
+        "py",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "1",
+        "-m",
+        "detr_lite.train",
+        "--config",
+        "x",
+    ]
     cmd8 = launch.torchrun_command(["--config", "x"], 8, python="py")
     assert cmd8[cmd8.index("--nproc-per-node") + 1] == "8"
-    assert launch.shell_line(cmd8).startswith("torchrun --standalone --nnodes 1 --nproc-per-node 8 -m detr_lite.train")
+    assert launch.shell_line(cmd8).startswith(
+        "torchrun --standalone --nnodes 1 --nproc-per-node 8 -m detr_lite.train"
+    )
 
 
 def test_torchrun_multi_node_static_and_elastic():
-    static = launch.torchrun_command(["-a"], 8, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29600,
-                                     python="py")
+    static = launch.torchrun_command(
+        ["-a"], 8, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29600, python="py"
+    )
     s = " ".join(static)
     assert "--nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29600 --nproc-per-node 8" in s
     assert "--standalone" not in s
-    elastic = launch.torchrun_command(["-a"], 4, nnodes=3, rdzv_endpoint="head:29400", rdzv_id="job7", python="py")
+    elastic = launch.torchrun_command(
+        ["-a"], 4, nnodes=3, rdzv_endpoint="head:29400", rdzv_id="job7", python="py"
+    )
     e = " ".join(elastic)
     assert "--nnodes 3 --rdzv-backend c10d --rdzv-endpoint head:29400 --rdzv-id job7 --nproc-per-node 4" in e
     with pytest.raises(ValueError, match="rdzv_endpoint"):
