@@ -1,0 +1,478 @@
+"""Train DETR / Deformable DETR: ``python -m detr_lite.train --config NAME [options]``.
+
+Examples::
+
+    python -m detr_lite.train --config detr-shapes --output runs/detr-shapes        # the toy recipe
+    python -m detr_lite.train --config detr-shapes --epochs 2 --max-iters-per-epoch 5  # smoke run
+    python -m detr_lite.train --config detr-shapes --output runs/detr-shapes --resume  # continue
+    torchrun --nproc_per_node 2 -m detr_lite.train --config detr-shapes ...           # DDP
+
+The data folder is validated before anything heavy is built. Into ``--output`` go
+``config.json``, ``checkpoint.pt`` (after every epoch, written atomically), ``log.jsonl`` (one
+record per iteration plus one per epoch), ``metrics.json`` and ``loss.png`` (refreshed every
+epoch). ``--resume`` continues from ``checkpoint.pt`` exactly: every epoch reseeds all RNGs
+from ``(seed, epoch, rank)`` and the sampler from ``(seed, epoch)``, so on CPU with
+``--num-workers 0`` a resumed run logs the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from detr_lite import distributed as D
+from detr_lite.checkpoint import (
+    describe_mismatch,
+    load_state_dict_checked,
+    read_checkpoint,
+    save_checkpoint,
+    state_dict_mismatch,
+)
+from detr_lite.config import PRESETS, Config, get_config
+from detr_lite.engine import (
+    NonFiniteLossError,
+    amp_dtype_for,
+    build_lr_scheduler,
+    build_optimizer,
+    evaluate,
+    train_one_epoch,
+)
+from detr_lite.utils import (
+    AP_KEYS,
+    JsonlLog,
+    format_ap_table,
+    get_rng_state,
+    max_memory_mb,
+    seed_everything,
+    set_rng_state,
+)
+
+CLASS_HEAD_PREFIX = "class_embed"
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m detr_lite.train",
+        description="Train DETR / Deformable DETR on a COCO-layout folder (default: the bundled shapes data).",
+    )
+    p.add_argument("--config", default="detr-shapes", help=f"preset ({', '.join(PRESETS)}) or a config .json")
+    p.add_argument("--data", help="COCO-layout root ({train,val}2017/ + annotations/); default: the preset's")
+    p.add_argument("--output", default=None, help="output folder (default runs/<config name>)")
+    p.add_argument("--epochs", type=int, help="total number of epochs (also extends a --resume'd run)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--batch-size", type=int, help="images per process and step")
+    p.add_argument("--lr", type=float, help="learning rate of the transformer and heads")
+    p.add_argument("--lr-backbone", type=float, help="learning rate of the backbone")
+    p.add_argument("--lr-drop", type=int, help="epoch after which every lr is multiplied by 0.1")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers")
+    p.add_argument(
+        "--num-classes", type=int, help="fix num_classes (default: max category id + 1 of the data)"
+    )
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument(
+        "--amp", action="store_true", help="mixed precision on CUDA (bf16 if supported, else fp16)"
+    )
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format for the CNN")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--pretrained-backbone",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ImageNet backbone weights via torchvision (must already be in the torch cache offline)",
+    )
+    p.add_argument(
+        "--finetune",
+        metavar="CKPT",
+        help="start from these weights; class head dropped if num_classes differs",
+    )
+    p.add_argument(
+        "--max-iters-per-epoch", type=int, help="smoke mode: stop each train/eval pass after N batches"
+    )
+    p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and always after the last)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    return p
+
+
+def load_config(name: str) -> Config:
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"--config {name}: file not found")
+        return Config.from_dict(json.loads(path.read_text()))
+    return get_config(name)
+
+
+def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
+    """Copy the command-line options that were given into the config dataclasses."""
+    t, d, m = cfg.train, cfg.data, cfg.model
+    for arg, (obj, field) in {
+        "epochs": (t, "epochs"),
+        "batch_size": (t, "batch_size"),
+        "lr": (t, "lr"),
+        "lr_backbone": (t, "lr_backbone"),
+        "lr_drop": (t, "lr_drop"),
+        "eval_every": (t, "eval_every"),
+        "seed": (t, "seed"),
+        "num_workers": (d, "num_workers"),
+        "data": (d, "root"),
+        "pretrained_backbone": (m, "pretrained_backbone"),
+    }.items():
+        value = getattr(args, arg)
+        if value is not None:
+            setattr(obj, field, value)
+    if args.amp:
+        t.amp = True
+    for field in ("epochs", "batch_size", "eval_every"):
+        if getattr(t, field) < 1:
+            raise ValueError(
+                f"--{field.replace('_', '-')}: expected a positive integer, received {getattr(t, field)}"
+            )
+    return cfg
+
+
+def dataset_category_ids(root: str, split: str) -> list[int]:
+    """Category ids listed in ``root/annotations/instances_<split>.json``."""
+    path = Path(root) / "annotations" / f"instances_{split}.json"
+    with open(path) as f:
+        return sorted(int(c["id"]) for c in json.load(f).get("categories", []))
+
+
+def resolve_num_classes(cfg: Config, fixed: int | None) -> None:
+    """``num_classes = max category id + 1`` of the training data, unless ``--num-classes`` fixes it."""
+    ids = dataset_category_ids(cfg.data.root, cfg.data.train_split)
+    if not ids:
+        raise ValueError(f"{cfg.data.root}: instances_{cfg.data.train_split}.json lists no categories")
+    needed = max(ids) + 1
+    if fixed is not None:
+        if max(ids) >= fixed:
+            raise ValueError(
+                f"--num-classes {fixed}: the dataset has category id {max(ids)}; "
+                f"expected num_classes >= {needed}"
+            )
+        cfg.model.num_classes = fixed
+    else:
+        cfg.model.num_classes = needed
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+class EpochSeededBatches:
+    """Batches of a shuffled dataset whose order depends only on ``(seed, epoch)``.
+
+    Outside DDP it wraps a ``RandomSampler`` driven by its own ``torch.Generator`` that is
+    reseeded at ``set_epoch``; under DDP a ``DistributedSampler`` (seeded the same way by
+    ``set_epoch``) shards the data. ``drop_last=True`` as in the official recipe, except that a
+    dataset smaller than one batch still yields one (smaller) batch.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int):
+        self.seed = seed
+        self.generator = torch.Generator()
+        if D.is_dist():
+            self.sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
+        else:
+            self.sampler = RandomSampler(dataset, generator=self.generator)
+        n = len(self.sampler)
+        self.batches = BatchSampler(self.sampler, batch_size, drop_last=n >= batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def build_loaders(cfg: Config):
+    from detr_lite.data.coco import build_dataset, collate_fn
+
+    ds_train = build_dataset(cfg.data.root, cfg.data.train_split, cfg.data, train=True)
+    ds_val = build_dataset(cfg.data.root, cfg.data.val_split, cfg.data, train=False)
+    batches = EpochSeededBatches(ds_train, cfg.train.batch_size, cfg.train.seed)
+    loader_gen = torch.Generator()
+    workers = cfg.data.num_workers
+    train_loader = DataLoader(
+        ds_train, batch_sampler=batches, collate_fn=collate_fn, num_workers=workers, generator=loader_gen
+    )
+    val_sampler = DistributedSampler(ds_val, shuffle=False) if D.is_dist() else SequentialSampler(ds_val)
+    val_loader = DataLoader(
+        ds_val,
+        batch_size=cfg.train.batch_size,
+        sampler=val_sampler,
+        collate_fn=collate_fn,
+        num_workers=workers,
+    )
+    return ds_train, ds_val, train_loader, val_loader, batches, loader_gen
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return seed + 1000 * (epoch + 1) + 7919 * rank
+
+
+# --------------------------------------------------------------------------------------------
+# model helpers
+# --------------------------------------------------------------------------------------------
+def load_finetune_weights(model: torch.nn.Module, path: str) -> str:
+    """Load weights for fine-tuning; a class head of another size is skipped (left freshly initialised).
+
+    Any other mismatch (missing, unexpected or differently shaped keys) is an error naming the keys.
+    """
+    ckpt = read_checkpoint(path)
+    sd = dict(ckpt["model"])
+    missing, unexpected, mismatched = state_dict_mismatch(model, sd)
+    head_mismatch = [m for m in mismatched if m[0].startswith(CLASS_HEAD_PREFIX)]
+    for key, _, _ in head_mismatch:
+        sd.pop(key)
+    other = [m for m in mismatched if not m[0].startswith(CLASS_HEAD_PREFIX)]
+    if missing or unexpected or other:
+        raise ValueError(
+            f"--finetune {path}: weights do not fit the model: {describe_mismatch(missing, unexpected, other)}"
+        )
+    own = model.state_dict()
+    sd = {k: (v.to(own[k].dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=False)
+    if head_mismatch:
+        return f"loaded {path}; class head re-initialised ({len(head_mismatch)} tensors: num_classes differs)"
+    return f"loaded {path} (all tensors)"
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss (train/val) and AP/AP50 per epoch, two small panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] + 1 for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
+    a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    val = [(h["epoch"] + 1, h["val_loss"]) for h in history if "val_loss" in h]
+    if val:
+        a1.plot(*zip(*val), "s-", label="val")
+    a1.set(xlabel="epoch", ylabel="weighted loss", title="loss")
+    a1.legend()
+    for key in ("AP", "AP50"):
+        pts = [(h["epoch"] + 1, h[key]) for h in history if key in h]
+        if pts:
+            a2.plot(*zip(*pts), "o-", label=key)
+    a2.set(xlabel="epoch", ylabel="COCO AP", title="val AP", ylim=(0, 1))
+    a2.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    from detr_lite.data.coco import validate_coco_folder
+    from detr_lite.models import build_criterion, build_model, build_postprocessor
+
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    output = Path(args.output or f"runs/{Path(args.config).stem}")
+    ckpt_path = output / "checkpoint.pt"
+
+    # 1. configuration (cheap) and data validation, before anything heavy is built
+    resume_ckpt = None
+    if args.resume:
+        resume_ckpt = read_checkpoint(ckpt_path)
+        if "optimizer" not in resume_ckpt or "epoch" not in resume_ckpt:
+            raise ValueError(f"--resume: {ckpt_path} is not a training checkpoint (no optimizer/epoch state)")
+        cfg = Config.from_dict(resume_ckpt["config"])
+        for name in ("epochs", "num_workers", "eval_every"):  # the only settings a resume may change
+            if getattr(args, name) is not None:
+                setattr(cfg.train if name != "num_workers" else cfg.data, name, getattr(args, name))
+        if args.data is not None:
+            cfg.data.root = args.data
+    else:
+        cfg = apply_overrides(load_config(args.config), args)
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        validate_coco_folder(cfg.data.root, split)
+    if resume_ckpt is None:
+        resolve_num_classes(cfg, args.num_classes)
+
+    distributed = D.init_distributed(device_name)
+    rank, main = D.get_rank(), D.is_main_process()
+    device = D.local_device(device_name)
+    amp_dtype = amp_dtype_for(device, cfg.train.amp)
+    if cfg.train.amp and amp_dtype is None and main:
+        print("note: --amp is CUDA-only; training in float32 on CPU", file=sys.stderr)
+    progress = main and not args.no_progress
+    log = JsonlLog(output / "log.jsonl", enabled=main)
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg.to_dict(), output / "config.json")
+
+    # 2. model, loss, optimiser
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model)
+    if args.finetune and resume_ckpt is None:
+        msg = load_finetune_weights(model, args.finetune)
+        if main:
+            print(msg)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    criterion = build_criterion(cfg.model).to(device)
+    postprocessor = build_postprocessor(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    n_params = sum(p.numel() for p in model.parameters())
+
+    ds_train, ds_val, train_loader, val_loader, batches, loader_gen = build_loaders(cfg)
+
+    start_epoch, history, wall_before = 0, [], 0.0
+    if resume_ckpt is not None:
+        load_state_dict_checked(model, resume_ckpt["model"], source=str(ckpt_path))
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        lr_scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
+        if scaler is not None and "scaler" in resume_ckpt:
+            scaler.load_state_dict(resume_ckpt["scaler"])
+        set_rng_state(resume_ckpt["rng"])
+        start_epoch = int(resume_ckpt["epoch"])
+        history = list(resume_ckpt.get("metrics", []))
+        wall_before = float(resume_ckpt["meta"].get("train_wall_time_s", 0.0))
+        log.truncate_from_epoch(start_epoch)
+        if main:
+            print(f"resuming {ckpt_path} at epoch {start_epoch}")
+
+    if args.compile:
+        model = torch.compile(model)
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    if main:
+        print(
+            f"{cfg.name}: {cfg.model.arch}/{cfg.model.backbone}, {n_params / 1e6:.2f} M params, "
+            f"num_classes {cfg.model.num_classes}; data {cfg.data.root}: {len(ds_train)} train / "
+            f"{len(ds_val)} val images; {cfg.train.epochs} epochs x {len(train_loader)} iters, "
+            f"batch {cfg.train.batch_size} x {D.get_world_size()} process(es) on {device}"
+        )
+
+    # 3. epochs
+    coco_gt = ds_val.coco
+    t_run = time.perf_counter()
+    last_eval: dict[str, Any] | None = next((h for h in reversed(history) if "AP" in h), None)
+    for epoch in range(start_epoch, cfg.train.epochs):
+        seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
+        batches.set_epoch(epoch)
+        loader_gen.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        try:
+            stats = train_one_epoch(
+                model, criterion, train_loader, optimizer, device, epoch,
+                clip_max_norm=cfg.train.clip_max_norm, scaler=scaler, amp_dtype=amp_dtype,
+                channels_last=args.channels_last, max_iters=args.max_iters_per_epoch,
+                log=log.write, progress=progress,
+            )  # fmt: skip
+        except NonFiniteLossError as e:
+            log.write({"type": "error", "epoch": epoch, "message": str(e)})
+            if main:
+                last = f"{ckpt_path} (after epoch {start_epoch if not history else history[-1]['epoch'] + 1})"
+                kept = last if ckpt_path.exists() else "none written yet"
+                print(f"error: {e}\nstopping; last good checkpoint: {kept}", file=sys.stderr)
+            D.cleanup()
+            return 1
+        lr_scheduler.step()
+        record: dict[str, Any] = {"type": "epoch", "epoch": epoch, "train_loss": stats["loss"]}
+        record.update({f"train_{k}": v for k, v in stats.items() if k.startswith("loss_") or "error" in k})
+        record.update(lr=stats["lr"], train_time_s=stats["train_time_s"], images_per_s=stats["images_per_s"])
+
+        is_last = epoch + 1 == cfg.train.epochs
+        if (epoch + 1) % cfg.train.eval_every == 0 or is_last:
+            metrics = evaluate(
+                model, postprocessor, val_loader, coco_gt, device, criterion=criterion,
+                amp_dtype=amp_dtype, channels_last=args.channels_last,
+                max_iters=args.max_iters_per_epoch, progress=progress,
+            )  # fmt: skip
+            record["val_loss"] = metrics["loss"]
+            record.update({k: metrics[k] for k in AP_KEYS})
+            record["val_images"] = metrics["num_images"]
+            last_eval = record
+        record["epoch_time_s"] = time.perf_counter() - t0
+        record["max_memory_mb"] = max(D.all_gather_object(max_memory_mb(device)))
+        history.append(record)
+
+        if main:
+            log.write(record)
+            wall = wall_before + time.perf_counter() - t_run
+            save_checkpoint(
+                ckpt_path, model, cfg,
+                meta={"command": " ".join(sys.argv), "train_wall_time_s": wall, "world_size": D.get_world_size()},
+                optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
+                epoch=epoch + 1, rng=get_rng_state(), metrics=history,
+                sampler_generator=batches.generator.get_state(),
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+            )  # fmt: skip
+            write_json_atomic(
+                {"history": history, "last_eval": last_eval, "train_wall_time_s": wall},
+                output / "metrics.json",
+            )
+            plot_history(history, output / "loss.png")
+            ap = f" | val AP {record['AP']:.3f} AP50 {record['AP50']:.3f}" if "AP" in record else ""
+            print(
+                f"epoch {epoch + 1}/{cfg.train.epochs}: loss {record['train_loss']:.4f}{ap} | "
+                f"{record['epoch_time_s']:.1f} s, {record['images_per_s']:.1f} img/s, "
+                f"{record['max_memory_mb']:.0f} MiB",
+                flush=True,
+            )
+        D.barrier()
+
+    if main:
+        if last_eval is not None:
+            print(
+                format_ap_table(last_eval, title=f"\nCOCO bbox AP on {cfg.data.root}/{cfg.data.val_split}:")
+            )
+        print(
+            f"checkpoint: {ckpt_path}\nplots:      {output / 'loss.png'}\nlog:        {output / 'log.jsonl'}"
+        )
+    D.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:
+        if os.environ.get("DETR_LITE_DEBUG"):
+            raise
+        print(f"detr_lite.train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
