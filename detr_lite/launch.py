@@ -256,6 +256,50 @@ def _present(p: Path) -> bool:
     return p.is_file() or (p.is_dir() and any(p.iterdir()))
 
 
+def pretrained_backbone_cache(backbone: str = "resnet50") -> tuple[Path, str]:
+    """(cache file, source URL) of torchvision's ImageNet weights for ``backbone``.
+
+    The official DETR/Deformable runs start from torchvision's ``IMAGENET1K_V1`` ResNet weights;
+    torch keeps downloaded weights in ``$TORCH_HOME/hub/checkpoints`` (default
+    ``~/.cache/torch/hub/checkpoints``), which is where an offline machine needs a copy.
+    """
+    import torch.hub
+    import torchvision
+
+    enum = {"resnet18": "ResNet18", "resnet34": "ResNet34", "resnet50": "ResNet50", "resnet101": "ResNet101"}
+    if backbone not in enum:
+        raise ValueError(f"backbone: expected one of {sorted(enum)}, received {backbone!r}")
+    weights = torchvision.models.get_weight(f"{enum[backbone]}_Weights.IMAGENET1K_V1")
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name, weights.url
+
+
+def ensure_pretrained_backbone(backbone: str = "resnet50", download: bool = True) -> Path:
+    """Make sure the ImageNet weights are in the torch cache (download them if allowed and online).
+
+    Training a DETR from a random backbone silently wastes days, so unlike the model builder
+    (which only warns) this raises a one-line ``ValueError`` naming the cache path when the file
+    is missing and cannot be fetched. Call it before launching a long run.
+    """
+    path, url = pretrained_backbone_cache(backbone)
+    if path.is_file():
+        return path
+    if download:
+        import torch.hub
+
+        try:
+            torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+        except Exception as err:  # offline: URLError, OSError, ...
+            raise ValueError(
+                f"ImageNet weights for {backbone} are not at {path} and could not be downloaded "
+                f"({type(err).__name__}); copy {Path(url).name} there, or train with --no-pretrained-backbone"
+            ) from None
+        return path
+    raise ValueError(
+        f"ImageNet weights for {backbone} are not at {path}; copy {Path(url).name} there "
+        "(from a machine with internet), or train with --no-pretrained-backbone"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. The command line
 # ----------------------------------------------------------------------------------------------
@@ -571,13 +615,13 @@ def plot_progress(log_path: str | os.PathLike, fig=None):
     x, y, k = _series(its, "loss")
     axes[0].plot(x, y, lw=0.8)
     axes[0].set_title(f"train {k or 'loss'} / iter", fontsize=9)
-    x, y, k = _series(eps, "AP", "val_AP", "ap")
+    x, y, k = _series(eps, "AP")
     axes[1].plot([eps[i].get("epoch", i) for i in x], y, "o-")
     axes[1].set_title("val AP / epoch", fontsize=9)
-    x, y, k = _series(eps, "images_per_s", "imgs_per_s", "throughput")
+    x, y, k = _series(eps, "images_per_s")
     axes[2].plot([eps[i].get("epoch", i) for i in x], y, "o-")
     axes[2].set_title("images/s / epoch", fontsize=9)
-    x, y, k = _series(eps, "max_mem_mb", "gpu_mem_mb", "max_memory_mb")
+    x, y, k = _series(eps, "max_memory_mb", "max_mem_mb")
     axes[3].plot([eps[i].get("epoch", i) for i in x], y, "o-")
     axes[3].set_title("peak GPU MB / epoch", fontsize=9)
     for ax in axes:

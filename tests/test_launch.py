@@ -314,3 +314,32 @@ def test_plot_progress_draws_four_panels(tmp_path):
     assert len(fig.axes) == 4
     assert list(fig.axes[0].lines[0].get_ydata()) == [3.0]
     assert list(fig.axes[1].lines[0].get_ydata()) == [0.2]
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrained backbone cache
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pretrained_backbone_cache_path_and_offline_error(tmp_path, monkeypatch):
+    import torch.hub
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    path, url = launch.pretrained_backbone_cache("resnet50")
+    assert path == tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    assert url.endswith("/resnet50-0676ba61.pth")
+    with pytest.raises(ValueError) as e:
+        launch.ensure_pretrained_backbone("resnet50", download=False)
+    assert str(path) in str(e.value) and "--no-pretrained-backbone" in str(e.value)
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ValueError, match="could not be downloaded"):
+        launch.ensure_pretrained_backbone("resnet50")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"cached")
+    assert launch.ensure_pretrained_backbone("resnet50", download=False) == path
+    with pytest.raises(ValueError, match="resnet152"):
+        launch.pretrained_backbone_cache("resnet152")
