@@ -24,14 +24,14 @@ train: $(STAMP)
 test: $(STAMP) lint sync-check unit nbval
 
 lint: $(STAMP)
-	$(PY) -m ruff check detr_lite tests benchmarks notebooks
+	$(PY) -m ruff check .
 
 unit: $(STAMP)
 	$(PY) -m pytest tests -q
 
 ## Every notebooks/NN_*.py has an executed, cell-for-cell identical notebooks/NN_*.ipynb (and vice versa).
 sync-check: $(STAMP)
-	$(PY) tests/check_notebook_sync.py notebooks
+	$(PY) tests/check_notebook_sync.py
 
 ## Re-run every executed notebook; cells marked `# NBVAL_CHECK_OUTPUT` must reproduce their stored output.
 ## (Skipped with a message only while notebooks/ holds no .ipynb at all; otherwise all of them run.)

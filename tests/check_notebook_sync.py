@@ -86,7 +86,10 @@ def _collect(paths: list[Path]) -> tuple[list[Path], list[Path]]:
 
 def check_notebooks(paths: list[str | Path] | None = None) -> list[str]:
     """Return one message per problem (empty list = all notebooks are paired, in sync and executed)."""
-    paths = [Path(p) for p in (paths or [Path(__file__).resolve().parent.parent / "notebooks"])]
+    if not paths:  # default: the repository's notebooks/ (absent in a repo without notebooks yet)
+        default = Path(__file__).resolve().parent.parent / "notebooks"
+        paths = [default] if default.exists() else []
+    paths = [Path(p) for p in paths]
     problems: list[str] = []
     for p in paths:
         if not p.exists():
