@@ -628,3 +628,131 @@ def plot_progress(log_path: str | os.PathLike, fig=None):
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Architectures, recipes and the published numbers to compare against
+# ----------------------------------------------------------------------------------------------
+
+# ARCH -> (COCO preset, small CPU preset for smoke runs, ModelConfig overrides)
+RUN_ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "detr_r50": ("detr-r50-coco", "detr-shapes", {}),
+    "deformable_detr_r50": ("deformable-detr-r50-coco", "deformable-shapes", {}),
+    "deformable_detr_r50_refine": (
+        "deformable-detr-r50-coco",
+        "deformable-shapes",
+        {"with_box_refine": True},
+    ),
+    "deformable_detr_r50_two_stage": (
+        "deformable-detr-r50-coco",
+        "deformable-shapes",
+        {"with_box_refine": True, "two_stage": True},
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The official optimisation recipe of one model family (COCO 2017, from the papers/code)."""
+
+    lr: float
+    lr_backbone: float
+    weight_decay: float
+    epochs: int
+    lr_drop: int
+    total_batch: int
+    clip_max_norm: float
+    v100_hours: int  # total training time reported by the Deformable DETR paper (Table 1)
+    notes: str
+
+
+RECIPES: dict[str, Recipe] = {
+    "detr": Recipe(1e-4, 1e-5, 1e-4, 500, 400, 64, 0.1, 2000, "16 V100 x 4 images; dropout 0.1"),
+    "deformable_detr": Recipe(
+        2e-4,
+        2e-5,
+        1e-4,
+        50,
+        40,
+        32,
+        0.1,
+        325,
+        "sampling_offsets + reference_points at 0.1 x lr; focal loss; 300 queries",
+    ),  # fmt: skip
+}
+
+# COCO val2017 box AP (%) published for the official models.
+PAPER_AP: dict[str, float] = {
+    "detr_r50": 42.0,
+    "detr_r50_dc5": 43.3,
+    "detr_r101": 43.5,
+    "detr_r101_dc5": 44.9,
+    "deformable_detr_r50_single_scale": 39.4,
+    "deformable_detr_r50": 44.5,
+    "deformable_detr_r50_refine": 46.2,
+    "deformable_detr_r50_two_stage": 46.9,
+}
+
+# Where the official weights are published (model columns of the official READMEs).
+OFFICIAL_CHECKPOINTS: dict[str, str] = {
+    "detr_r50": "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth",
+    "detr_r50_dc5": "https://dl.fbaipublicfiles.com/detr/detr-r50-dc5-f0fb7ef5.pth",
+    "detr_r101": "https://dl.fbaipublicfiles.com/detr/detr-r101-2c7b67e5.pth",
+    "detr_r101_dc5": "https://dl.fbaipublicfiles.com/detr/detr-r101-dc5-a2e86def.pth",
+    "deformable_detr_r50_single_scale": "https://drive.google.com/file/d/1WEjQ9_FgfI5sw5OZZ4ix-OKk-IJ_-SDU/view",
+    "deformable_detr_r50": "https://drive.google.com/file/d/1nDWZWHuRwtwGden77NLM9JoWe-YisJnA/view",
+    "deformable_detr_r50_refine": "https://drive.google.com/file/d/1JYKyRYzUH7uo9eVfDaVCiaIGZb5YTCuI/view",
+    "deformable_detr_r50_two_stage": "https://drive.google.com/file/d/15I03A7hNTpwuLNdfuEmW9_taZMNVssEp/view",
+}
+
+
+def family(arch: str) -> str:
+    """``'detr'`` or ``'deformable_detr'`` for an ARCH name such as ``deformable_detr_r50_refine``."""
+    return "deformable_detr" if arch.startswith("deformable") else "detr"
+
+
+def scaled_lrs(arch: str, total_batch: int) -> tuple[float, float]:
+    """(lr, lr_backbone) scaled linearly from the recipe's total batch to ``total_batch``.
+
+    The linear scaling rule (Goyal et al., 2017): the gradient of a k-times larger batch is an
+    average over k times more images, so k-times larger steps keep the per-epoch progress about
+    the same. It is a starting point, not a law: the recipes were tuned at their own batch
+    size, and at very different batches a short warm-up or the gentler square-root rule can be
+    more stable for AdamW.
+    """
+    if total_batch < 1:
+        raise ValueError(f"total_batch: expected >= 1, received {total_batch}")
+    r = RECIPES[family(arch)]
+    k = total_batch / r.total_batch
+    return r.lr * k, r.lr_backbone * k
+
+
+def run_config(arch: str, smoke: bool = False):
+    """The :class:`~detr_lite.config.Config` to train ``arch`` with (the small CPU preset if ``smoke``).
+
+    Returned as a config object so the notebook can show it and write it to a ``.json`` that
+    ``python -m detr_lite.train --config FILE.json`` reads back.
+    """
+    from detr_lite.config import get_config
+
+    if arch not in RUN_ARCHS:
+        raise ValueError(f"ARCH: expected one of {sorted(RUN_ARCHS)}, received {arch!r}")
+    coco_preset, smoke_preset, overrides = RUN_ARCHS[arch]
+    cfg = get_config(smoke_preset if smoke else coco_preset)
+    for k, v in overrides.items():
+        setattr(cfg.model, k, v)
+    cfg.name = arch + ("-smoke" if smoke else "")
+    return cfg
+
+
+def write_run_config(arch: str, path: str | os.PathLike, smoke: bool = False, **train_overrides: Any) -> Path:
+    """Write :func:`run_config` (plus ``TrainConfig`` overrides such as ``lr=...``) as JSON."""
+    cfg = run_config(arch, smoke=smoke)
+    for k, v in train_overrides.items():
+        if not hasattr(cfg.train, k):
+            raise ValueError(f"write_run_config: TrainConfig has no field {k!r}")
+        setattr(cfg.train, k, v)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return path
