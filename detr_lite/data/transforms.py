@@ -1,0 +1,127 @@
+"""Box-aware augmentation for DETR, built from ``torchvision.transforms.v2``.
+
+The official DETR recipe (``datasets/coco.py::make_coco_transforms``), expressed with v2 pieces:
+
+train::
+
+    RandomHorizontalFlip
+    RandomChoice(
+        RandomShortestSize(train_scales, max_size),                    # plain multi-scale
+        Compose(RandomShortestSize(crop_resize_scales),                # or: resize,
+                RandomSizeCrop(*crop_size),                            #     random crop,
+                RandomShortestSize(train_scales, max_size)),           #     multi-scale again
+    )
+
+val: resize the short side to ``val_size`` (long side at most ``val_max_size``).
+
+Both then run ``SanitizeBoundingBoxes`` (drop boxes that a crop squeezed below 1 px),
+``ToDtype(float32, scale=True)``, ImageNet ``Normalize`` and ``ToDetrTarget`` (absolute xyxy
+pixels -> normalised cxcywh plain tensors, plus ``size``).
+
+Every transform takes and returns ``(image, target)`` where ``image`` is a ``tv_tensors.Image``
+and ``target['boxes']`` a ``tv_tensors.BoundingBoxes``; v2 moves the boxes with the pixels.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from detr_lite.config import DataConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _image_hw(flat_inputs: list[Any]) -> tuple[int, int]:
+    for x in flat_inputs:
+        if isinstance(x, (tv_tensors.Image, tv_tensors.Video)) or (
+            isinstance(x, torch.Tensor) and not isinstance(x, tv_tensors.TVTensor) and x.ndim >= 3
+        ):
+            h, w = F.get_size(x)
+            return h, w
+    raise ValueError("RandomSizeCrop: expected an image among the inputs, received none")
+
+
+class RandomSizeCrop(v2.Transform):
+    """Crop a random (h, w) window; h, w uniform in ``[min_size, min(image side, max_size)]``.
+
+    Same sampling as the official ``RandomSizeCrop`` (the crop side is drawn per axis, then a
+    random position); images smaller than ``min_size`` are cropped to their own size on that
+    axis instead of raising. Boxes are translated and clipped by ``F.crop``; those left empty are
+    removed later by ``SanitizeBoundingBoxes``.
+    """
+
+    def __init__(self, min_size: int, max_size: int):
+        super().__init__()
+        if not 0 < min_size <= max_size:
+            raise ValueError(
+                f"RandomSizeCrop: expected 0 < min_size <= max_size, received ({min_size}, {max_size})"
+            )
+        self.min_size, self.max_size = int(min_size), int(max_size)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = _image_hw(flat_inputs)
+        ch = random.randint(min(self.min_size, h), min(h, self.max_size))
+        cw = random.randint(min(self.min_size, w), min(w, self.max_size))
+        top = random.randint(0, h - ch)
+        left = random.randint(0, w - cw)
+        return dict(top=top, left=left, height=ch, width=cw)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return F.crop(inpt, **params)
+
+
+class ToDetrTarget(v2.Transform):
+    """Last step: boxes -> normalised cxcywh plain tensor; ``area`` = box area in pixels; ``size``.
+
+    Runs on the final (resized, cropped) image, so ``size`` is its (h, w) and the box
+    normalisation divides by that same size — the convention the model's sigmoid boxes use.
+    """
+
+    def forward(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+        h, w = F.get_size(image)
+        boxes = target["boxes"]
+        xyxy = boxes.as_subclass(torch.Tensor).float()
+        out = dict(target)
+        out["area"] = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        out["boxes"] = box_convert(xyxy, "xyxy", "cxcywh") / scale
+        out["size"] = torch.tensor([h, w], dtype=torch.int64)
+        return image.as_subclass(torch.Tensor), out
+
+
+def _sanitize() -> v2.SanitizeBoundingBoxes:
+    # labels and iscrowd are filtered together with the boxes they belong to
+    return v2.SanitizeBoundingBoxes(labels_getter=lambda inputs: (inputs[1]["labels"], inputs[1]["iscrowd"]))
+
+
+def build_transforms(cfg: DataConfig, train: bool) -> v2.Compose:
+    """The official DETR augmentation (train) or deterministic resize (val) for ``cfg``'s sizes."""
+    tail = [
+        _sanitize(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ToDetrTarget(),
+    ]
+    if not train:
+        return v2.Compose([v2.Resize(cfg.val_size, max_size=cfg.val_max_size, antialias=True), *tail])
+    scales = list(cfg.train_scales)
+    multi_scale = v2.RandomShortestSize(scales, max_size=cfg.train_max_size, antialias=True)
+    crop_branch = v2.Compose(
+        [
+            v2.RandomShortestSize(list(cfg.crop_resize_scales), antialias=True),
+            RandomSizeCrop(*cfg.crop_size),
+            # a crop can leave boxes empty; drop them before the next resize
+            _sanitize(),
+            v2.RandomShortestSize(scales, max_size=cfg.train_max_size, antialias=True),
+        ]
+    )
+    head = [v2.RandomHorizontalFlip(p=0.5)] if cfg.hflip else []
+    return v2.Compose([*head, v2.RandomChoice([multi_scale, crop_branch]), *tail])
