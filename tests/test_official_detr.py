@@ -1,0 +1,137 @@
+"""Parity with the official DETR (facebookresearch/detr) for detr_r50, detr_r50_dc5, detr_r101, detr_r101_dc5.
+
+How the fixture in ``tests/fixtures/official_detr/`` was made (once, outside the repo, CPU, fp32):
+
+1. build each architecture with the *official* code (``models.detr.build`` with the COCO arguments:
+   ``backbone=resnet50|resnet101``, ``dilation=False|True``, ``hidden_dim=256``, 6+6 layers, 100 queries,
+   ``aux_loss=True``) and put it in eval mode;
+2. fill its state dict with :func:`official_like_state_dict` below (seeded, deterministic, key by key in
+   sorted order) and load it into the official model;
+3. run the official model on :func:`parity_batch` (two images of different sizes padded into one
+   2 x 3 x 160 x 192 batch with a mask) and save ``pred_logits``, ``pred_boxes`` and the first auxiliary
+   output's boxes, together with the official key names and shapes (``keys.json``; the DC5 variants share the
+   keys of their non-dilated twin).
+
+This test regenerates the very same official-layout state dict from the recorded keys + shapes + seed,
+loads it through :func:`detr_lite.official.load_official_checkpoint` (which renames the keys and checks
+them), runs the same batch, and compares with the official outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from detr_lite.official import load_official_checkpoint, official_config
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official_detr"
+ARCHS = ("detr_r50", "detr_r50_dc5", "detr_r101", "detr_r101_dc5")
+KEYSET = {"detr_r50": "r50", "detr_r50_dc5": "r50", "detr_r101": "r101", "detr_r101_dc5": "r101"}
+SEED = {"detr_r50": 50, "detr_r50_dc5": 55, "detr_r101": 101, "detr_r101_dc5": 105}
+TOL = 1e-4
+
+
+def official_like_state_dict(
+    keys_and_shapes: list[tuple[str, list[int]]], seed: int
+) -> dict[str, torch.Tensor]:
+    """Deterministic, well-scaled random weights for the given keys (visited in sorted order).
+
+    Matrices / conv kernels / embeddings: ``randn / sqrt(fan_in)``; norm weights: ``1 + 0.1 randn``;
+    biases: ``0.02 randn``; BN ``running_mean``: ``0.1 randn``; ``running_var``: ``U(0.5, 1.5)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in sorted(keys_and_shapes):
+        shape = tuple(shape)
+        if key.endswith("running_var"):
+            t = 0.5 + torch.rand(shape, generator=g)
+        elif key.endswith("running_mean"):
+            t = 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) >= 2:
+            t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        elif key.endswith("weight"):
+            t = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            t = 0.02 * torch.randn(shape, generator=g)
+        out[key] = t
+    return out
+
+
+def parity_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image 0 is 160 x 192, image 1 is 128 x 150 padded (zeros, mask True) to the same 160 x 192."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, 160, 192, generator=g)
+    mask = torch.zeros(2, 160, 192, dtype=torch.bool)
+    mask[1, 128:, :] = True
+    mask[1, :, 150:] = True
+    images[1, :, mask[1]] = 0.0
+    return images, mask
+
+
+@pytest.fixture(scope="module")
+def fixture_data():
+    keys = json.loads((FIXTURES / "keys.json").read_text())
+    outputs = torch.load(FIXTURES / "outputs.pt", weights_only=True)
+    return keys, outputs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_official_parity(arch, fixture_data):
+    keys, outputs = fixture_data
+    state = official_like_state_dict(keys[KEYSET[arch]], SEED[arch])
+    model = load_official_checkpoint({"model": state}, arch=arch)
+    assert not model.training
+    images, mask = parity_batch()
+    with torch.no_grad():
+        out = model(images, mask)
+    ref = outputs[arch]
+    diffs = {
+        "pred_logits": (out["pred_logits"] - ref["pred_logits"]).abs().max().item(),
+        "pred_boxes": (out["pred_boxes"] - ref["pred_boxes"]).abs().max().item(),
+        "aux0_boxes": (out["aux_outputs"][0]["pred_boxes"] - ref["aux0_boxes"]).abs().max().item(),
+    }
+    print(arch, {k: f"{v:.2e}" for k, v in diffs.items()})
+    assert max(diffs.values()) < TOL, diffs
+    # the outputs are not degenerate: logits vary across queries, boxes are inside (0, 1)
+    assert ref["pred_logits"].std() > 0.1
+    assert 0 < ref["pred_boxes"].min() and ref["pred_boxes"].max() < 1
+
+
+def test_official_config_matches_arch():
+    assert official_config("detr_r50").backbone == "resnet50" and not official_config("detr_r50").dilation
+    assert (
+        official_config("detr_r101_dc5").backbone == "resnet101" and official_config("detr_r101_dc5").dilation
+    )
+    assert official_config("detr_r50").num_classes == 91
+
+
+def test_load_from_file_and_key_errors(tmp_path, fixture_data):
+    keys, _ = fixture_data
+    state = official_like_state_dict(keys["r50"], 0)
+    path = tmp_path / "detr-r50.pth"
+    torch.save({"model": state}, path)
+    model = load_official_checkpoint(path, arch="detr_r50")
+    assert torch.equal(model.query_embed.weight, state["query_embed.weight"])
+    assert torch.equal(
+        model.backbone.body.layer4[2].conv3.weight, state["backbone.0.body.layer4.2.conv3.weight"]
+    )
+
+    broken = dict(state)
+    del broken["class_embed.bias"]
+    broken["extra.weight"] = torch.zeros(1)
+    broken["query_embed.weight"] = torch.zeros(300, 256)
+    with pytest.raises(
+        ValueError, match="missing keys.*class_embed.bias.*unexpected keys.*extra.weight.*query_embed"
+    ):
+        load_official_checkpoint(broken, arch="detr_r50")
+    # an R50 checkpoint is not an R101
+    with pytest.raises(ValueError, match="missing keys.*layer3"):
+        load_official_checkpoint(state, arch="detr_r101")
+    with pytest.raises(ValueError, match="unknown official architecture"):
+        load_official_checkpoint(state, arch="detr_r18")
+    with pytest.raises(ValueError, match="file not found"):
+        load_official_checkpoint(tmp_path / "nope.pth", arch="detr_r50")
