@@ -80,7 +80,7 @@ def save_checkpoint(
         sd[k] = v
     full_meta = {
         "detr_lite_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "dtype": "float16" if half else "float32",
     }

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         if os.environ.get("DETR_LITE_DEBUG"):
             raise
         print(f"detr_lite.evaluate: error: {e}", file=sys.stderr)

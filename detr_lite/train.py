@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         if os.environ.get("DETR_LITE_DEBUG"):
             raise
         print(f"detr_lite.train: error: {e}", file=sys.stderr)
