@@ -756,3 +756,58 @@ def write_run_config(arch: str, path: str | os.PathLike, smoke: bool = False, **
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return path
+
+
+def status_line(
+    output_dir: str | os.PathLike, epochs: int | None = None, train_images: int | None = None
+) -> str:
+    """One line: running or not, where the run is, its last loss/AP, throughput, memory and an ETA."""
+    out = Path(output_dir)
+    its, eps = read_log(out / "log.jsonl")
+    pid = running_pid(out)
+    parts = [f"running (pid {pid})" if pid is not None else "not running"]
+    if its:
+        last = its[-1]
+        parts.append(
+            f"epoch {last.get('epoch', '?')} iter {last.get('iter', '?')} loss {last.get('loss', float('nan')):.3f}"
+        )
+    if eps:
+        e = eps[-1]
+        if "AP" in e:
+            parts.append(f"AP {100 * e['AP']:.1f} after epoch {e['epoch'] + 1}")
+        if "images_per_s" in e:
+            parts.append(f"{e['images_per_s']:.1f} img/s")
+        if "max_memory_mb" in e:
+            parts.append(f"peak {e['max_memory_mb']:.0f} MB")
+        if pid is not None and epochs and train_images and e.get("images_per_s"):
+            left = (epochs - e["epoch"] - 1) * train_images / e["images_per_s"] / 3600
+            parts.append(f"about {left:.1f} h to go")
+    return " | ".join(parts)
+
+
+def follow(
+    output_dir: str | os.PathLike,
+    every_s: float = 60.0,
+    epochs: int | None = None,
+    train_images: int | None = None,
+) -> None:
+    """Notebook polling loop: redraw :func:`status_line` and :func:`plot_progress` every ``every_s``
+    seconds until the job ends. Interrupting the kernel stops the *following*, not the training."""
+    import matplotlib.pyplot as plt
+    from IPython.display import clear_output, display
+
+    out = Path(output_dir)
+    try:
+        while True:
+            running = running_pid(out) is not None
+            clear_output(wait=True)
+            print(status_line(out, epochs, train_images))
+            fig = plot_progress(out / "log.jsonl")
+            display(fig)
+            plt.close(fig)
+            if not running:
+                print(f"last lines of {out / STDOUT_FILE}:\n{tail(out / STDOUT_FILE, 8)}")
+                return
+            time.sleep(every_s)
+    except KeyboardInterrupt:
+        print(f"stopped following; the job keeps running (stop it with detr_lite.launch.stop({str(out)!r}))")
