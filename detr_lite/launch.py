@@ -300,6 +300,85 @@ def ensure_pretrained_backbone(backbone: str = "resnet50", download: bool = True
     )
 
 
+def arrange_coco_layout(
+    images_dir: str | os.PathLike,
+    annotation_json: str | os.PathLike,
+    out_root: str | os.PathLike,
+    val_json: str | os.PathLike | None = None,
+    val_images_dir: str | os.PathLike | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, int]:
+    """Turn "a folder of images + one COCO JSON" into the COCO 2017 layout the trainer reads.
+
+    ``out_root/{train2017,val2017}/`` get symbolic links to the images (copies where links are not
+    supported) and ``out_root/annotations/instances_{train,val}2017.json`` the matching halves of
+    the annotations. Without ``val_json`` a random ``val_fraction`` of the images (fixed by
+    ``seed``) becomes the validation split. Returns the number of images per split. Every
+    ``file_name`` must exist; the first missing one is named in a one-line ``ValueError``.
+    """
+    import random
+
+    out = Path(out_root)
+
+    def load(path):
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read COCO JSON ({type(e).__name__}: {e})") from None
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(d, dict) or not isinstance(d.get(key), list):
+                raise ValueError(f"{path}: expected a COCO JSON with a '{key}' list")
+        return d
+
+    train = load(annotation_json)
+    if val_json is not None:
+        val = load(val_json)
+        splits = {
+            "train2017": (train, Path(images_dir)),
+            "val2017": (val, Path(val_images_dir or images_dir)),
+        }
+    else:
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction: expected a number in (0, 1), received {val_fraction}")
+        ids = sorted(im["id"] for im in train["images"])
+        random.Random(seed).shuffle(ids)
+        n_val = max(1, round(len(ids) * val_fraction))
+        val_ids = set(ids[:n_val])
+
+        def subset(keep):
+            return {
+                **train,
+                "images": [im for im in train["images"] if keep(im["id"])],
+                "annotations": [a for a in train["annotations"] if keep(a["image_id"])],
+            }
+
+        splits = {
+            "train2017": (subset(lambda i: i not in val_ids), Path(images_dir)),
+            "val2017": (subset(lambda i: i in val_ids), Path(images_dir)),
+        }
+    counts = {}
+    for split, (data, src_dir) in splits.items():
+        for im in data["images"]:
+            src = src_dir / im["file_name"]
+            if not src.is_file():
+                raise ValueError(f"{src}: image listed in the annotations ('file_name') not found")
+        for im in data["images"]:
+            src, dst = (src_dir / im["file_name"]).resolve(), out / split / im["file_name"]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.is_symlink() or dst.exists():
+                dst.unlink()
+            try:
+                dst.symlink_to(src)
+            except OSError:
+                shutil.copy2(src, dst)
+        (out / "annotations").mkdir(parents=True, exist_ok=True)
+        (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+        counts[split] = len(data["images"])
+    return counts
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. The command line
 # ----------------------------------------------------------------------------------------------

@@ -343,3 +343,52 @@ def test_pretrained_backbone_cache_path_and_offline_error(tmp_path, monkeypatch)
     assert launch.ensure_pretrained_backbone("resnet50", download=False) == path
     with pytest.raises(ValueError, match="resnet152"):
         launch.pretrained_backbone_cache("resnet152")
+
+
+# ---------------------------------------------------------------------------------------------
+# "a folder + a JSON" -> COCO layout
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat_dataset(tmp_path: Path, n: int = 10) -> tuple[Path, Path]:
+    images = tmp_path / "my_images"
+    (images / "sub").mkdir(parents=True)
+    ims, anns = [], []
+    for i in range(n):
+        name = f"sub/img_{i}.png" if i % 3 == 0 else f"img_{i}.png"
+        (images / name).write_bytes(b"png")
+        ims.append({"id": 100 + i, "file_name": name, "height": 8, "width": 8})
+        anns.append({"id": i, "image_id": 100 + i, "category_id": 7, "bbox": [0, 0, 2, 2], "iscrowd": 0})
+    ann = tmp_path / "labels.json"
+    ann.write_text(json.dumps({"images": ims, "annotations": anns, "categories": [{"id": 7, "name": "cat"}]}))
+    return images, ann
+
+
+def test_arrange_coco_layout_splits_and_links(tmp_path):
+    images, ann = _flat_dataset(tmp_path)
+    out = tmp_path / "coco"
+    counts = launch.arrange_coco_layout(images, ann, out, val_fraction=0.3, seed=1)
+    assert counts == {"train2017": 7, "val2017": 3}
+    assert launch.check_coco_layout(out) == []
+    tr = json.loads((out / "annotations/instances_train2017.json").read_text())
+    va = json.loads((out / "annotations/instances_val2017.json").read_text())
+    tr_ids, va_ids = {im["id"] for im in tr["images"]}, {im["id"] for im in va["images"]}
+    assert not tr_ids & va_ids and len(tr_ids | va_ids) == 10
+    assert {a["image_id"] for a in va["annotations"]} == va_ids  # annotations follow their images
+    assert tr["categories"] == va["categories"] == [{"id": 7, "name": "cat"}]
+    for split, d in (("train2017", tr), ("val2017", va)):
+        for im in d["images"]:
+            assert (out / split / im["file_name"]).read_bytes() == b"png"
+    # deterministic for a seed, and a second call over the same folder works
+    assert launch.arrange_coco_layout(images, ann, out, val_fraction=0.3, seed=1) == counts
+    assert json.loads((out / "annotations/instances_val2017.json").read_text()) == va
+
+
+def test_arrange_coco_layout_names_a_missing_image(tmp_path):
+    images, ann = _flat_dataset(tmp_path)
+    (images / "img_4.png").unlink()
+    with pytest.raises(ValueError, match="img_4.png"):
+        launch.arrange_coco_layout(images, ann, tmp_path / "coco")
+    (tmp_path / "bad.json").write_text('{"images": []}')
+    with pytest.raises(ValueError, match="'annotations' list"):
+        launch.arrange_coco_layout(images, tmp_path / "bad.json", tmp_path / "coco")
