@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
+# Kernels draw figures with the inline backend (MPLBACKEND=Agg would silently drop every figure).
+NB_ENV := MPLBACKEND=module://matplotlib_inline.backend_inline
 
 .PHONY: venv train test lint unit nbval sync-check lab notebooks bench clean-venv
 
@@ -37,8 +39,8 @@ sync-check: $(STAMP)
 ## (Skipped with a message only while notebooks/ holds no .ipynb at all; otherwise all of them run.)
 nbval: $(STAMP)
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-	  echo "MPLBACKEND=Agg $(PY) -m pytest --nbval-lax ... notebooks"; \
-	  MPLBACKEND=Agg $(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
+	  echo "$(PY) -m pytest --nbval-lax ... notebooks"; \
+	  $(NB_ENV) $(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
 	    --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks -q -p no:cacheprovider; \
 	else echo "nbval: notebooks/ has no executed .ipynb yet; nothing to run"; fi
 
@@ -50,7 +52,7 @@ lab: $(STAMP)
 ## (One notebook: make notebooks NOTEBOOKS=notebooks/07_deformable_attention.py)
 notebooks: $(STAMP)
 	for nb in $(NOTEBOOKS); do \
-	  MPLBACKEND=Agg $(VENV)/bin/jupytext --to ipynb --execute --set-kernel python3 "$$nb" || exit 1; done
+	  $(NB_ENV) $(VENV)/bin/jupytext --to ipynb --execute --set-kernel python3 "$$nb" || exit 1; done
 	$(PY) tests/check_notebook_sync.py $(NOTEBOOKS)
 
 bench: $(STAMP)

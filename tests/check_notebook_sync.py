@@ -49,9 +49,26 @@ def _compare_cells(py: Path, ipynb: Path) -> list[str]:
     return []
 
 
+# calls that draw a figure; a notebook using them must store at least one image output
+FIGURE_CALL = re.compile(r"\b(plt\.(subplots|figure|imshow|plot)|viz\.(show|plot|sampling_points)\w*)\(")
+
+
 def _check_executed(ipynb: Path) -> list[str]:
     nb = json.loads(ipynb.read_text(encoding="utf-8"))
     problems = []
+    code = "\n".join(
+        "".join(c.get("source", [])) for c in nb.get("cells", []) if c.get("cell_type") == "code"
+    )
+    has_image = any(
+        "image/png" in o.get("data", {}) or "image/svg+xml" in o.get("data", {})
+        for c in nb.get("cells", [])
+        for o in c.get("outputs", [])
+    )
+    if FIGURE_CALL.search(code) and not has_image:
+        problems.append(
+            f"{ipynb}: draws figures but stores no image output (executed with MPLBACKEND=Agg? "
+            "use `make notebooks` or `# %matplotlib inline`)"
+        )
     for i, cell in enumerate(nb.get("cells", [])):
         if cell.get("cell_type") != "code":
             continue
