@@ -187,3 +187,47 @@ def load_checkpoint(
     load_state_dict_checked(model, ckpt["model"], source=str(path))
     model.eval()
     return model, cfg, ckpt
+
+
+def export_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, half: bool = True, meta: dict[str, Any] | None = None
+) -> Path:
+    """Turn a training checkpoint into a small shippable one.
+
+    Keeps the weights (float16 when ``half``), the config, the meta data and the per-epoch
+    ``metrics`` history; drops optimizer / scheduler / RNG state. The model is rebuilt and loaded
+    first, so a file that would not load is never written.
+    """
+    model, cfg, ckpt = load_checkpoint(src)
+    extra = {"metrics": ckpt["metrics"]} if "metrics" in ckpt else {}
+    full_meta = dict(ckpt.get("meta", {}))
+    full_meta.update(exported_from=str(src), epochs_trained=ckpt.get("epoch"))
+    full_meta.update(meta or {})
+    full_meta.pop("dtype", None)
+    save_checkpoint(dst, model, cfg, meta=full_meta, half=half, **extra)
+    return Path(dst)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m detr_lite.checkpoint",
+        description="Export a training checkpoint as a small shippable file (weights + config + metrics).",
+    )
+    p.add_argument("src", help="training checkpoint, e.g. runs/detr-shapes/checkpoint.pt")
+    p.add_argument("dst", help="output file, e.g. data/checkpoints/detr_shapes.pt")
+    p.add_argument("--fp32", action="store_true", help="keep float32 weights (default: float16)")
+    args = p.parse_args(argv)
+    try:
+        out = export_checkpoint(args.src, args.dst, half=not args.fp32)
+    except ValueError as e:
+        print(f"detr_lite.checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

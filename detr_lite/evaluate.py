@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's batch size")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--max-iters", type=int, help="evaluate only the first N batches (smoke test)")
+    p.add_argument("--threads", type=int, help="torch intra-op CPU threads")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -53,6 +54,8 @@ def run(args: argparse.Namespace) -> dict:
     from detr_lite.data.coco import build_dataset, collate_fn, validate_coco_folder
     from detr_lite.models import build_criterion, build_postprocessor
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")

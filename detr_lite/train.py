@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and always after the last)")
     p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--threads", type=int, help="torch intra-op CPU threads (1 helps on a busy shared CPU)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
 
@@ -294,6 +295,8 @@ def run(args: argparse.Namespace) -> int:
     from detr_lite.data.coco import validate_coco_folder
     from detr_lite.models import build_criterion, build_model, build_postprocessor
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
