@@ -91,3 +91,47 @@ def test_feature_grid_recovers_stride():
     assert viz._feature_grid((300, 451), 19 * 29) == (19, 29, 16)
     with pytest.raises(ValueError, match="cannot match"):
         viz._feature_grid((300, 451), 7)
+
+
+def _tiny_detr():
+    from detr_lite.config import ModelConfig
+    from detr_lite.detr import DETR
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        num_classes=3, backbone="resnet18", frozen_bn=False, hidden_dim=32, nheads=4,
+        enc_layers=2, dec_layers=1, dim_feedforward=64, dropout=0.0, num_queries=5,
+    )  # fmt: skip
+    return DETR(cfg).eval()
+
+
+def test_encoder_attention_is_the_captured_last_layer_on_the_feature_grid():
+    from detr_lite.transformer import capture_attention
+
+    model = _tiny_detr()
+    image = viz.normalize(torch.rand(3, 64, 96))
+    attn = viz.encoder_attention(model, image)
+    assert attn.shape == (2, 3, 2, 3)  # 64x96 at stride 32
+    assert torch.allclose(attn.sum(dim=(2, 3)), torch.ones(2, 3), atol=1e-5)
+    with torch.no_grad(), capture_attention(model) as rec:
+        model(image[None])
+    last = rec["transformer.encoder.layers.1.self_attn"][0].mean(0)
+    assert torch.allclose(attn.reshape(6, 6), last)
+    first = viz.encoder_attention(model, image, layer=0)
+    assert torch.allclose(first.reshape(6, 6), rec["transformer.encoder.layers.0.self_attn"][0].mean(0))
+
+
+def test_attention_explorer_draws_the_cell_under_the_point():
+    import ipywidgets
+
+    model = _tiny_detr()
+    image = viz.normalize(torch.rand(3, 64, 96))
+    box = viz.attention_explorer(model, image)
+    assert isinstance(box, ipywidgets.VBox)
+    fig = box.draw(70, 40)  # pixel (x=70, y=40) lies in feature cell (1, 2)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert "cell (1, 2)" in fig.axes[1].get_title()
+    shown = fig.axes[1].images[-1].get_array()
+    assert shown.shape == (64, 96)
+    expected = viz._upsample(box.attention[1, 2], (64, 96))
+    np.testing.assert_allclose(np.asarray(shown), expected, atol=1e-6)
