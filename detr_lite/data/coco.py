@@ -226,7 +226,10 @@ class CocoDetectionDETR(CocoDetection):
         boxes, keep, _ = _clean_boxes(anns, w, h)
         target = {
             "boxes": tv_tensors.BoundingBoxes(
-                torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=(h, w)
+                torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                format="XYXY",
+                canvas_size=(h, w),
+                clamping_mode="hard",  # every geometric transform clamps boxes to the image
             ),
             "labels": torch.tensor([anns[i]["category_id"] for i in keep], dtype=torch.int64),
             "iscrowd": torch.zeros(len(keep), dtype=torch.int64),

@@ -14,7 +14,8 @@ train::
 
 val: resize the short side to ``val_size`` (long side at most ``val_max_size``).
 
-Both then run ``SanitizeBoundingBoxes`` (drop boxes that a crop squeezed below 1 px),
+Both then run ``ClampBoundingBoxes`` + ``SanitizeBoundingBoxes`` (drop boxes that a crop
+squeezed below 1 px),
 ``ToDtype(float32, scale=True)``, ImageNet ``Normalize`` and ``ToDetrTarget`` (absolute xyxy
 pixels -> normalised cxcywh plain tensors, plus ``size``).
 
@@ -97,9 +98,20 @@ class ToDetrTarget(v2.Transform):
         return image.as_subclass(torch.Tensor), out
 
 
-def _sanitize() -> v2.SanitizeBoundingBoxes:
-    # labels and iscrowd are filtered together with the boxes they belong to
-    return v2.SanitizeBoundingBoxes(labels_getter=lambda inputs: (inputs[1]["labels"], inputs[1]["iscrowd"]))
+def _sanitize() -> v2.Compose:
+    """Clamp boxes to the image, then drop those under 1 px (with their labels and iscrowd).
+
+    The clamp matters: resizing can leave a coordinate a float rounding error outside the
+    image (x1 = W + 4e-6), and ``SanitizeBoundingBoxes`` drops any box outside the canvas.
+    """
+    return v2.Compose(
+        [
+            v2.ClampBoundingBoxes(clamping_mode="hard"),
+            v2.SanitizeBoundingBoxes(
+                labels_getter=lambda inputs: (inputs[1]["labels"], inputs[1]["iscrowd"])
+            ),
+        ]
+    )
 
 
 def build_transforms(cfg: DataConfig, train: bool) -> v2.Compose:
