@@ -224,6 +224,8 @@ def show_attention_maps(
     """
     if maps.dim() != 3:
         raise ValueError(f"show_attention_maps: maps must be [n, h, w], got {tuple(maps.shape)}")
+    if maps.shape[0] == 0:
+        raise ValueError("show_attention_maps: got 0 maps (n = 0); pass at least one [h, w] map")
     n = min(maps.shape[0], max_cols)
     fig, axes = plt.subplots(
         2, n, figsize=(FIGSIZE_PER_PANEL * n * 0.9, FIGSIZE_PER_PANEL * 1.6), dpi=DPI, squeeze=False
@@ -327,6 +329,111 @@ def attention_explorer(
     box.draw = draw
     box.attention = attn
     return box
+
+
+# ----------------------------------------------------------------------------------------------------
+# matching and training helpers (H7: notebooks 05 and 06)
+# ----------------------------------------------------------------------------------------------------
+def show_cost_matrix(
+    cost: torch.Tensor,
+    pred_idx=None,
+    tgt_idx=None,
+    ax: Axes | None = None,
+    title: str | None = None,
+    tgt_names: Sequence[str] | None = None,
+) -> Axes:
+    """Heatmap of a matching cost matrix ``[num_queries, num_targets]``, drawn targets x queries.
+
+    Low cost (a good pair) is dark. The cells picked by an assignment (``pred_idx[k]`` matched to
+    ``tgt_idx[k]``) are outlined, so the picture shows which query won each ground-truth box.
+    """
+    cost = torch.as_tensor(cost).detach().float().cpu()
+    if cost.dim() != 2:
+        raise ValueError(
+            f"show_cost_matrix: cost must be [num_queries, num_targets], got {tuple(cost.shape)}"
+        )
+    q, n = cost.shape
+    ax = _new_axes(ax, (min(0.32 * q + 1.5, 9.0), 0.32 * n + 1.0))
+    im = ax.imshow(cost.T.numpy(), cmap="viridis", aspect="auto", interpolation="nearest")
+    ax.figure.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
+    if pred_idx is not None and tgt_idx is not None:
+        for k, (i, j) in enumerate(zip(list(map(int, pred_idx)), list(map(int, tgt_idx)))):
+            color = COLORS[k % len(COLORS)]
+            ax.add_patch(Rectangle((i - 0.5, j - 0.5), 1, 1, fill=False, edgecolor=color, linewidth=2))
+    ax.set_xlabel("query (prediction) index", fontsize=8)
+    ax.set_ylabel("ground-truth box", fontsize=8)
+    ax.set_xticks(range(q))
+    ax.set_yticks(range(n))
+    if tgt_names is not None:
+        ax.set_yticklabels(list(tgt_names))
+    ax.tick_params(labelsize=6)
+    if title:
+        ax.set_title(title, fontsize=8)
+    return ax
+
+
+def show_matching(
+    image,
+    pred_boxes_xyxy,
+    gt_boxes_xyxy,
+    pred_idx,
+    tgt_idx,
+    ax: Axes | None = None,
+    title: str | None = None,
+) -> Axes:
+    """An image with its ground truth (solid) and the predictions matched to it (dashed).
+
+    Pair ``k`` (prediction ``pred_idx[k]`` <-> ground truth ``tgt_idx[k]``) shares one colour and is
+    joined by a line between the two box centres, labelled with the query index. Boxes are absolute
+    ``xyxy`` pixels; unmatched predictions are not drawn.
+    """
+    ax = show_image(image, ax=ax, title=title)
+    preds = torch.as_tensor(pred_boxes_xyxy, dtype=torch.float32).reshape(-1, 4)
+    gts = torch.as_tensor(gt_boxes_xyxy, dtype=torch.float32).reshape(-1, 4)
+    for k, (i, j) in enumerate(zip(list(map(int, pred_idx)), list(map(int, tgt_idx)))):
+        color = COLORS[k % len(COLORS)]
+        g, p = gts[j].tolist(), preds[i].tolist()
+        ax.add_patch(Rectangle((g[0], g[1]), g[2] - g[0], g[3] - g[1], fill=False, edgecolor=color, lw=2))
+        ax.add_patch(
+            Rectangle((p[0], p[1]), p[2] - p[0], p[3] - p[1], fill=False, edgecolor=color, lw=1.2, ls="--")
+        )
+        gc, pc = ((g[0] + g[2]) / 2, (g[1] + g[3]) / 2), ((p[0] + p[2]) / 2, (p[1] + p[3]) / 2)
+        ax.plot([gc[0], pc[0]], [gc[1], pc[1]], color=color, lw=1.2, marker="o", markersize=3)
+        ax.text(
+            pc[0],
+            pc[1],
+            f"q{i}",
+            fontsize=6,
+            color="white",
+            bbox=dict(facecolor=color, alpha=0.7, pad=1, lw=0),
+        )
+    return ax
+
+
+def plot_loss_curves(
+    curves: dict[str, Sequence[float]],
+    x: Sequence[float] | None = None,
+    ax: Axes | None = None,
+    xlabel: str = "iteration",
+    title: str | None = None,
+    logy: bool = False,
+) -> Axes:
+    """One line per named curve (e.g. ``{'loss': [...], 'loss_ce': [...]}``) on shared axes.
+
+    ``x`` gives the x values shared by every curve (default 0, 1, 2, ...).
+    """
+    ax = _new_axes(ax, (FIGSIZE_PER_PANEL * 2.0, FIGSIZE_PER_PANEL * 1.1))
+    for k, (name, ys) in enumerate(curves.items()):
+        xs = list(x) if x is not None else list(range(len(ys)))
+        ax.plot(xs[: len(ys)], list(ys), label=name, color=COLORS[k % len(COLORS)], lw=1.2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=8)
+    return ax
 
 
 # ----------------------------------------------------------------------------------------------------
