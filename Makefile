@@ -46,7 +46,7 @@ nbval: $(STAMP)
 
 ## JupyterLab on notebooks/ (default token auth; the URL with the token is printed).
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 ## Re-execute every notebook from its .py source and refresh the paired .ipynb.
 ## (One notebook: make notebooks NOTEBOOKS=notebooks/07_deformable_attention.py)
