@@ -89,13 +89,14 @@ def test_cost_matrix_matches_independent_formula(focal):
         col += n
 
 
+@pytest.mark.parametrize("layout", ["padded", "flat"])
 @pytest.mark.parametrize("focal", [False, True])
-@pytest.mark.parametrize("seed", range(4))
-def test_assignment_is_optimal_vs_brute_force(focal, seed):
+@pytest.mark.parametrize("seed", range(3))
+def test_assignment_is_optimal_vs_brute_force(focal, seed, layout):
     g = torch.Generator().manual_seed(seed)
     sizes = [1, 3, 5, 0]
     out, targets = _random_case(g, 4, 6, sizes, 4)
-    m = HungarianMatcher(1.0, 5.0, 2.0, focal=focal)
+    m = HungarianMatcher(1.0, 5.0, 2.0, focal=focal, layout=layout)
     indices = m(out, targets)
     assert len(indices) == 4
     for b, (i, j) in enumerate(indices):
@@ -144,6 +145,23 @@ def test_zero_target_images():
     assert [len(i) for i, _ in res] == [0, 2, 0]
 
 
+@pytest.mark.parametrize("focal", [False, True])
+def test_padded_costs_equal_the_official_flat_blocks(focal):
+    g = torch.Generator().manual_seed(4)
+    sizes = [3, 0, 7, 1]
+    out, targets = _random_case(g, 4, 9, sizes, 6)
+    m = HungarianMatcher(focal=focal)
+    flat = m.cost_matrix(out, targets).split(sizes, -1)
+    padded = m.padded_cost(out, targets)
+    assert padded.shape == (4, 9, 7)
+    for b, n in enumerate(sizes):
+        torch.testing.assert_close(padded[b, :, :n], flat[b][b], rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(padded).all()  # padding columns hold a valid dummy box
+    flat_idx = HungarianMatcher(focal=focal, layout="flat")(out, targets)
+    for (i1, j1), (i2, j2) in zip(m(out, targets), flat_idx):
+        assert torch.equal(i1, i2) and torch.equal(j1, j2)
+
+
 def test_batched_equals_per_image():
     g = torch.Generator().manual_seed(5)
     out, targets = _random_case(g, 4, 10, [3, 1, 0, 6], 6)
@@ -187,6 +205,8 @@ def test_bad_inputs_raise_one_line_errors():
         HungarianMatcher()(bad, targets)
     with pytest.raises(ValueError, match="cannot all be 0"):
         HungarianMatcher(0, 0, 0)
+    with pytest.raises(ValueError, match="layout"):
+        HungarianMatcher(layout="diagonal")
 
 
 def test_build_matcher_from_config():
