@@ -308,6 +308,14 @@ def test_image_modes_become_rgb(tmp_path):
     assert ds[4][1]["labels"].tolist() == [1]
 
 
+def test_corrupt_image_names_the_file(tmp_path):
+    write_coco(tmp_path, [("a.png", _rect_image(1, 1, 5, 5))], [])
+    (tmp_path / "val2017" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    ds = build_dataset(tmp_path, "val2017", identity_cfg(), train=False)
+    with pytest.raises(ValueError, match=r"a\.png: cannot read image"):
+        ds[0]
+
+
 def test_num_classes_is_max_id_plus_one(tmp_path):
     cats = [{"id": 1, "name": "a"}, {"id": 7, "name": "b"}, {"id": 90, "name": "c"}]
     write_coco(tmp_path, [("a.png", _rect_image(1, 1, 5, 5))], [], categories=cats)

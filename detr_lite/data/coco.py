@@ -140,8 +140,12 @@ def load_rgb(path: str | Path) -> Image.Image:
     16/32-bit grey images are rescaled to 0..255 by their bit depth (``I;16``: /257) rather than
     clipped, which is what a plain ``convert('RGB')`` would do.
     """
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
         im.load()
+    except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt / not an image
+        raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    with im:
         if im.mode == "RGB":
             return im.copy()
         if im.mode.startswith("I;16") or im.mode in ("I", "F"):
