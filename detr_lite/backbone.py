@@ -45,10 +45,56 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
     fused ``F.batch_norm`` call in inference mode instead of ``x * scale + bias`` (two passes over the
     activation). The statistics and the affine are buffers, so nothing here is ever trained."""
 
+    folded = False  # True once a preceding ConvFrozenBN2d applies this affine itself
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.folded:
+            return x
         return F.batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
         )
+
+
+class ConvFrozenBN2d(nn.Conv2d):
+    """A ``Conv2d`` followed by a ``FrozenBatchNorm2d``, computed as ONE convolution.
+
+    Frozen BN is a fixed per-channel affine ``y = x * s + t`` with ``s = w / sqrt(var + eps)`` and
+    ``t = b - mean * s``; since convolution is linear, ``conv(x, W) * s + t = conv(x, W * s) + t``. The
+    folded kernel is recomputed from the current parameters and buffers at every call (cheap: weight-sized),
+    so training ``W`` and loading new BN statistics both stay exact. The BN module itself stays in the model
+    (same state-dict names as torchvision) but is switched to identity (``bn.folded = True``).
+    """
+
+    def attach(self, bn: FrozenBatchNorm2d) -> None:
+        self._bn = [bn]  # a list, so that the BN is not registered twice as a submodule
+        bn.folded = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self._bn[0]
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        shift = bn.bias - bn.running_mean * scale
+        weight = self.weight * scale.view(-1, 1, 1, 1)
+        return F.conv2d(x, weight, shift, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _fold_frozen_bn(resnet: nn.Module) -> None:
+    """Turn every torchvision (conv, frozen BN) pair into a ``ConvFrozenBN2d`` (+ identity BN)."""
+
+    def fold(parent: nn.Module, conv_name: str, bn_name: str) -> None:
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        if not isinstance(bn, FrozenBatchNorm2d) or conv.bias is not None:
+            return
+        conv.__class__ = ConvFrozenBN2d  # same parameters, new forward
+        conv.attach(bn)
+
+    fold(resnet, "conv1", "bn1")
+    for stage in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+        for block in stage:
+            for i in (1, 2, 3):
+                if hasattr(block, f"conv{i}"):
+                    fold(block, f"conv{i}", f"bn{i}")
+            if block.downsample is not None:
+                fold(block.downsample, "0", "1")
 
 
 def validate_images_and_mask(images: Tensor, mask: Tensor | None) -> None:
@@ -128,6 +174,8 @@ class Backbone(nn.Module):
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer
         )
         self.pretrained_loaded = _load_imagenet_weights(resnet, name) if pretrained else False
+        if frozen_bn:
+            _fold_frozen_bn(resnet)  # faster, same maths: see ConvFrozenBN2d
 
         # Official rule: train layer2-4 only (and nothing when train_backbone is False).
         for pname, param in resnet.named_parameters():

@@ -150,3 +150,25 @@ def test_pretrained_uses_cached_weights(monkeypatch):
     assert bb.pretrained_loaded
     assert torch.equal(bb.body.layer3[1].conv2.weight, reference["layer3.1.conv2.weight"])
     assert torch.equal(bb.body.bn1.running_var, reference["bn1.running_var"])
+
+
+def test_folded_conv_bn_equals_conv_then_frozen_bn():
+    """With frozen BN each (conv, BN) pair runs as one convolution with a rescaled kernel: same result."""
+    torch.manual_seed(0)
+    bb = Backbone("resnet18", channels_last=False)
+    g = torch.Generator().manual_seed(3)
+    for name, buf in bb.named_buffers():
+        buf.copy_(
+            0.5 + torch.rand(buf.shape, generator=g) if "var" in name else torch.randn(buf.shape, generator=g)
+        )
+    reference = torchvision.models.resnet18(norm_layer=torchvision.ops.FrozenBatchNorm2d)
+    reference.load_state_dict(bb.body.state_dict(), strict=False)  # fc stays random, unused
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = reference.layer4(reference.layer3(reference.layer2(reference.layer1(
+            reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))))))  # fmt: skip
+        torch.testing.assert_close(bb(x)[0][0], ref, atol=1e-4, rtol=1e-4)
+    assert (
+        type(bb.body.layer2[0].downsample[0]).__name__ == "ConvFrozenBN2d"
+        and bb.body.layer2[0].downsample[1].folded
+    )
