@@ -50,7 +50,8 @@ class DETR(nn.Module):
         self.num_queries = cfg.num_queries
         self.aux_loss = cfg.aux_loss
         d = cfg.hidden_dim
-        self.backbone = build_backbone(cfg, return_layers=("layer4",))
+        # official DETR: layer4 (C5); a toy config may stop earlier (the last of cfg.backbone_layers)
+        self.backbone = build_backbone(cfg, return_layers=(getattr(cfg, "backbone_layers", ("layer4",))[-1],))
         self.position_embedding = build_position_encoding(cfg)
         self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], d, kernel_size=1)
         self.query_embed = nn.Embedding(cfg.num_queries, d)
