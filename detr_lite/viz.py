@@ -446,8 +446,9 @@ def plot_loss_curves(
 LEVEL_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
-def _show_unit_image(image, ax: Axes, title: str | None = None, pixelated: bool = False) -> Axes:
-    """Draw ``image`` stretched over the unit square, keeping its aspect ratio."""
+def show_unit_image(image, ax: Axes | None = None, title: str | None = None, pixelated: bool = False) -> Axes:
+    """Draw ``image`` over the unit square (normalised coordinates), keeping its aspect ratio."""
+    ax = _new_axes(ax)
     rgb = to_rgb(image)
     ax.imshow(rgb, extent=(0, 1, 1, 0), interpolation="nearest" if pixelated else "antialiased")
     ax.set_xlim(0, 1)
@@ -529,7 +530,7 @@ def show_sampling_points(
     (``attention_weights[b, q]``); ``reference`` the query's reference point (x, y).
     ``heads`` / ``levels`` restrict what is drawn. Returns the Axes.
     """
-    ax = _show_unit_image(image, _new_axes(ax), title=title, pixelated=pixelated)
+    ax = show_unit_image(image, _new_axes(ax), title=title, pixelated=pixelated)
     draw_sampling_points(ax, locations, weights, reference=reference, heads=heads, levels=levels)
     return ax
 
@@ -572,10 +573,10 @@ def sampling_points_grid(
         if by == "level":
             img = level_images[i] if level_images is not None else image
             name = level_names[i] if level_names is not None else f"level {i}"
-            _show_unit_image(img, ax, title=f"{name}: all heads", pixelated=level_images is not None)
+            show_unit_image(img, ax, title=f"{name}: all heads", pixelated=level_images is not None)
             draw_sampling_points(ax, loc, w, reference, levels=[i], weight_max=wmax)
         else:
-            _show_unit_image(image, ax, title=f"head {i}: all levels")
+            show_unit_image(image, ax, title=f"head {i}: all levels")
             ax.title.set_color(COLORS[i % len(COLORS)])
             draw_sampling_points(ax, loc, w, reference, heads=[i], weight_max=wmax)
     fig.tight_layout()

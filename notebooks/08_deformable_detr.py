@@ -1,0 +1,562 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 08 · Deformable DETR: multi-scale features, reference points, and faster convergence
+#
+# **Learning goal.** Put notebook 07's operator into a detector and see what changes compared with
+# DETR (notebooks 01–06). The seed notes list the stages:
+#
+# > **Backbone**: output several intermediate CNN (ResNet) feature maps.
+# > **Pre-transformer**: reorganise the multi-level feature maps into one `bs, num_query, num_embed`
+# > tensor, `feat_flatten`, the encoder input.
+# > **Encoder**: generate reference points (essentially a uniform grid); MSDeformAttn self-attention
+# > with Q = feat_flatten + position code, K and V = feat_flatten; repeat 6 times → `memory`.
+# > **Decoder**: object-query self-attention, then cross-attention from the queries into `memory`.
+#
+# We follow one padded batch of two bundled validation images through the **shipped toy model**
+# (`data/checkpoints/deformable_shapes.pt`) and rebuild each stage by hand with the model's own weights:
+#
+# 1. the pyramid: C3–C5 plus an extra stride-64 level, each projected to `d` channels;
+# 2. position codes + **level embeddings**, flattened into one sequence;
+# 3. **valid ratios**: how much of each padded level is real image;
+# 4. the encoder's **reference points** (cell centres);
+# 5. the decoder's reference points, and how the predicted boxes are expressed relative to them;
+# 6. the trained model's detections with each query's **sampling points**;
+# 7. the **convergence study**: AP per epoch of the toy DETR and the toy Deformable DETR.
+
+# %%
+# %matplotlib inline
+import json
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_convert
+
+from detr_lite import viz
+from detr_lite.checkpoint import load_checkpoint
+from detr_lite.data.coco import build_dataset, collate_fn
+from detr_lite.deformable.model import PostProcess
+from detr_lite.deformable.transformer import get_valid_ratio, inverse_sigmoid
+from detr_lite.position_encoding import PositionEmbeddingSine
+
+torch.manual_seed(0)
+torch.set_grad_enabled(False)  # inference only
+notebook_start = time.perf_counter()
+
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+DATA = ROOT / "data" / "shapes"
+CKPT_DIR = ROOT / "data" / "checkpoints"
+
+# %% [markdown]
+# ## 0. The shipped model and a padded batch
+#
+# The toy preset `deformable-shapes` keeps the official architecture but shrinks it to train on a
+# CPU: ResNet-18, `d = 128`, 3 encoder + 3 decoder layers, 4 levels × 8 heads × 4 points, focal loss
+# over the 5 shape classes. Its recipe and metrics are in `data/checkpoints/deformable_shapes.md`.
+
+# %%
+model, cfg, ckpt = load_checkpoint(CKPT_DIR / "deformable_shapes.pt")
+mcfg = cfg.model
+d = mcfg.hidden_dim
+val = build_dataset(DATA, "val2017", cfg.data, train=False)
+class_names = {c["id"]: c["name"] for c in val.coco.dataset["categories"]}
+print(
+    f"preset {cfg.name}: backbone {mcfg.backbone}, d={d}, levels={mcfg.num_feature_levels}, "
+    f"heads={mcfg.nheads}, points={mcfg.enc_n_points}/{mcfg.dec_n_points}, queries={mcfg.num_queries}, "
+    f"box refinement={mcfg.with_box_refine}, two-stage={mcfg.two_stage}"
+)
+print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; classes {class_names}")
+
+# %% [markdown]
+# Two validation images of different shapes (one wide, one tall) make a batch; `collate_fn` pads them
+# bottom/right to a common size and returns the padding mask (True = padded).
+
+
+# %%
+def image_hw(i: int) -> tuple[int, int]:
+    info = val.coco.imgs[val.ids[i]]
+    return info["height"], info["width"]
+
+
+wide = next(i for i in range(len(val)) if image_hw(i)[1] > image_hw(i)[0])
+tall = next(i for i in range(len(val)) if image_hw(i)[0] > image_hw(i)[1])
+images, mask, targets = collate_fn([val[wide], val[tall]])
+B, _, H, W = images.shape
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("images", tuple(images.shape), " mask", tuple(mask.shape), " (True = padded)")
+for b, t in enumerate(targets):
+    h, w = t["size"].tolist()
+    print(f"image {b}: {h} x {w} inside the padded {H} x {W}")
+    assert not mask[b, :h, :w].any() and mask[b].sum() == H * W - h * w
+assert images.shape == (2, 3, H, W) and mask.shape == (2, H, W)
+
+# %% [markdown]
+# ## 1. The pyramid: C3, C4, C5 and one extra level
+#
+# DETR used only C5 (stride 32). Deformable DETR takes the outputs of ResNet stages 2, 3 and 4
+# (C3, C4, C5 at strides 8, 16, 32), projects each to `d` channels with a 1×1 convolution +
+# GroupNorm(32, d), and adds a fourth, stride-64 level with a 3×3 stride-2 convolution on the raw C5
+# map (+ GroupNorm). Each level's padding mask is the image mask resized (nearest) to its size.
+
+# %%
+feats = model.backbone(images, mask)  # [(C3, mask), (C4, mask), (C5, mask)]
+srcs_by_hand, masks_by_hand = [], []
+for lvl, (feat, m) in enumerate(feats):
+    conv, gn = model.input_proj[lvl]
+    x = F.conv2d(feat, conv.weight, conv.bias)  # 1x1: C_l -> d
+    srcs_by_hand.append(F.group_norm(x, 32, gn.weight, gn.bias, gn.eps))
+    masks_by_hand.append(m)
+conv, gn = model.input_proj[3]
+x = F.conv2d(feats[-1][0], conv.weight, conv.bias, stride=2, padding=1)  # 3x3 stride 2 on raw C5
+srcs_by_hand.append(F.group_norm(x, 32, gn.weight, gn.bias, gn.eps))
+masks_by_hand.append(F.interpolate(mask[None].float(), size=x.shape[-2:]).bool()[0])
+
+# %%
+# NBVAL_CHECK_OUTPUT
+names = ["C3 (layer2)", "C4 (layer3)", "C5 (layer4)", "extra (3x3/2 on C5)"]
+strides = [8, 16, 32, 64]
+print("level  source               stride  backbone C ->  d   H_l x W_l")
+for lvl in range(4):
+    c_in = feats[lvl][0].shape[1] if lvl < 3 else feats[-1][0].shape[1]
+    h, w = srcs_by_hand[lvl].shape[-2:]
+    print(f"{lvl:5d}  {names[lvl]:20s} {strides[lvl]:6d}  {c_in:10d} -> {d:3d}   {h:3d} x {w:3d}")
+    assert srcs_by_hand[lvl].shape == (B, d, -(-H // strides[lvl]), -(-W // strides[lvl]))
+    assert masks_by_hand[lvl].shape == (B, h, w)
+assert model.backbone.num_channels == [128, 256, 512] and model.backbone.strides == [8, 16, 32]
+
+# %% [markdown]
+# The package's `DeformableDETR.build_pyramid` does the same (it also returns the position codes):
+
+# %%
+srcs, masks, pos = model.build_pyramid(images, mask)
+assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(srcs, srcs_by_hand))
+assert all(torch.equal(a, b) for a, b in zip(masks, masks_by_hand))
+
+# %%
+fig, axes = plt.subplots(2, 5, figsize=(10, 4), dpi=80)
+for b in range(B):
+    viz.show_image(images[b], ax=axes[b, 0], title=f"image {b} (padded)")
+    axes[b, 0].imshow(mask[b].numpy(), cmap="gray", alpha=0.35 * mask[b].numpy().astype(float))
+    for lvl in range(4):
+        viz.show_mask(
+            masks[lvl][b], ax=axes[b, lvl + 1], title=f"level {lvl} mask {tuple(masks[lvl][b].shape)}"
+        )
+fig.tight_layout()
+
+# %% [markdown]
+# ## 2. Position codes, level embeddings, one flat sequence
+#
+# Every level gets the sine position code of notebook 02, with one change: Deformable DETR
+# normalises cell *centres* (`offset=-0.5`: $(i + 0.5) / H$ instead of $(i + 1) / H$). Because the code
+# is normalised, cell (0, 0) of level 0 and cell (0, 0) of level 3 get the same code, so a learned
+# **level embedding** (one `d`-vector per level) is added to tell the scales apart. Then, exactly as
+# in notebook 07, the levels are flattened and concatenated.
+
+# %%
+pe = PositionEmbeddingSine(d // 2, normalize=True, offset=-0.5)
+pos_by_hand = [pe(m) for m in masks]
+assert all(torch.allclose(a, b) for a, b in zip(pos, pos_by_hand))
+level_embed = model.transformer.level_embed  # [L, d]
+
+src_flatten = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # [B, S, d]
+mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)  # [B, S]
+lvl_pos_flatten = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[lvl] for lvl, p in enumerate(pos)], 1)
+spatial_shapes = torch.tensor([s.shape[-2:] for s in srcs])
+level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+S = int(spatial_shapes.prod(1).sum())
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("level_embed           ", tuple(level_embed.shape), " [L, d]")
+print("src_flatten           ", tuple(src_flatten.shape), " [B, S, d]")
+print("mask_flatten          ", tuple(mask_flatten.shape), " [B, S]")
+print("lvl_pos_embed_flatten ", tuple(lvl_pos_flatten.shape), " [B, S, d]")
+print("spatial_shapes        ", spatial_shapes.tolist())
+print("level_start_index     ", level_start_index.tolist())
+assert src_flatten.shape == (B, S, d) and lvl_pos_flatten.shape == (B, S, d) and mask_flatten.shape == (B, S)
+assert torch.allclose(lvl_pos_flatten[:, level_start_index[2]], pos[2][:, :, 0, 0] + level_embed[2])
+
+# %% [markdown]
+# Why the level embedding is needed: the sine code depends only on the **normalised** position of a
+# cell centre, $x = (j + 0.5) / \text{valid}W_l$, never on the level. Below, one $x$-channel of the code
+# along the first row of every level of image 0: all levels lie on the same curve
+# $\sin(2\pi x / T^{2/64})$, so without `level_embed` a token could not tell which scale it comes from.
+
+# %%
+channel = d // 2 + 2  # the x half starts at d/2; even channels are sines, here with period T^(2/(d/2))
+period = 10000 ** (2 / (d // 2))
+fig, ax = plt.subplots(figsize=(4.5, 2.4), dpi=80)
+xs_dense = np.linspace(0, 1, 200)
+ax.plot(
+    xs_dense,
+    np.sin(2 * np.pi * xs_dense / period),
+    color="lightgray",
+    linewidth=3,
+    label="sin(2πx / T^(2/64))",
+)
+for lvl in range(4):
+    valid_w = int((~masks[lvl][0, 0]).sum())
+    x_norm = (torch.arange(valid_w) + 0.5) / valid_w
+    code = pos[lvl][0, channel, 0, :valid_w]
+    assert torch.allclose(code, torch.sin(2 * torch.pi * x_norm / period), atol=1e-4)
+    ax.plot(x_norm, code, viz.LEVEL_MARKERS[lvl], markersize=4, label=f"level {lvl} ({valid_w} cells)")
+ax.set_xlabel("normalised x of the cell centre", fontsize=8)
+ax.set_ylabel(f"code channel {channel}", fontsize=8)
+ax.tick_params(labelsize=7)
+ax.legend(fontsize=6)
+fig.tight_layout()
+
+# %% [markdown]
+# The sequence is far longer than DETR's single C5 map, which is why full attention is out of the
+# question here (notebook 07, section 8):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+c5_tokens = int(spatial_shapes[2].prod())
+print(f"tokens: C5 only (DETR) {c5_tokens}, all four levels {S} ({S / c5_tokens:.1f}x)")
+print("at 800 x 1333 (COCO): C5 only", 25 * 42, " four levels", 100 * 167 + 50 * 84 + 25 * 42 + 13 * 21)
+
+# %% [markdown]
+# ## 3. Valid ratios on a padded batch
+#
+# Sampling locations live in the **padded** map ((1, 1) is the bottom-right corner of the padding),
+# but a reference point should mean "this place in the image", whatever the padding. The valid ratio
+# of an image at a level is `(valid width / W_l, valid height / H_l)`, counted on the mask's first row
+# and column. It differs from level to level because each level rounds its size up and its mask is
+# a nearest-neighbour resize of the image mask (which can even lose a thin padded strip entirely).
+
+# %%
+valid_ratios_by_hand = []
+for m in masks:
+    valid_h = (~m[:, :, 0]).sum(1).float() / m.shape[1]
+    valid_w = (~m[:, 0, :]).sum(1).float() / m.shape[2]
+    valid_ratios_by_hand.append(torch.stack([valid_w, valid_h], -1))
+valid_ratios = torch.stack(valid_ratios_by_hand, 1)  # [B, L, 2] as (w, h)
+assert torch.equal(valid_ratios, torch.stack([get_valid_ratio(m) for m in masks], 1))
+
+print("valid ratios (w, h)   " + "   ".join(f"level {lvl}" for lvl in range(4)))
+for b in range(B):
+    print(f"image {b}:             " + "   ".join(f"{w:.2f},{h:.2f}" for w, h in valid_ratios[b].tolist()))
+
+# %% [markdown]
+# ## 4. The encoder's reference points
+#
+# In the encoder every token is a query and its reference point is its own cell centre: cell
+# $(i, j)$ of level $l$ sits at $((j + 0.5) / \text{valid}W_l,\ (i + 0.5) / \text{valid}H_l)$ in units
+# of the **valid image**. To read level $l'$ the point is multiplied by that level's valid ratio,
+# giving `[B, S, L, 2]`: one location per token *per level*, all the same place in the image. (Tokens
+# in the padding get coordinates beyond the valid image; their values are zero anyway.)
+
+# %%
+refs = []
+for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    valid_w = valid_ratios[:, lvl, 0] * w  # number of valid columns, [B]
+    valid_h = valid_ratios[:, lvl, 1] * h
+    refs.append(
+        torch.stack([xs.flatten()[None] / valid_w[:, None], ys.flatten()[None] / valid_h[:, None]], -1)
+    )
+enc_ref_valid = torch.cat(refs, 1)  # [B, S, 2] in units of the valid image
+enc_ref = enc_ref_valid[:, :, None] * valid_ratios[:, None]  # [B, S, L, 2] in each level's padded map
+package_ref = model.transformer.encoder.get_reference_points(spatial_shapes, valid_ratios, images.device)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("encoder reference points", tuple(enc_ref.shape), " [B, S, L, 2]")
+assert torch.allclose(enc_ref, package_ref, atol=1e-6)
+# one token, four levels: the same image location once the valid ratios are divided out
+assert torch.allclose(
+    enc_ref / valid_ratios[:, None], enc_ref_valid[:, :, None].expand(-1, -1, 4, -1), atol=1e-6
+)
+inside = (enc_ref_valid <= 1).all(-1)
+assert torch.equal(
+    inside, ~mask_flatten
+)  # a cell centre is outside the valid image exactly when it is padding
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(7, 3), dpi=80)
+for b, ax in enumerate(axes):
+    viz.show_unit_image(
+        viz.denormalize(images[b]), ax, title=f"image {b}: level-2 (stride 32) reference points"
+    )
+    ax.imshow(mask[b].numpy(), cmap="gray", alpha=0.35 * mask[b].numpy().astype(float), extent=(0, 1, 1, 0))
+    s0, n2 = int(level_start_index[2]), int(spatial_shapes[2].prod())
+    pts = enc_ref[b, s0 : s0 + n2, 2]  # level-2 tokens, expressed on level 2's padded map
+    real = ~mask_flatten[b, s0 : s0 + n2]
+    ax.scatter(pts[real, 0], pts[real, 1], s=10, c="cyan", edgecolors="black", linewidths=0.3, label="valid")
+    ax.scatter(pts[~real, 0], pts[~real, 1], s=10, c="red", marker="x", label="padding")
+    ax.legend(fontsize=6, loc="lower left")
+fig.tight_layout()
+
+# %% [markdown]
+# ## 5. The decoder: reference points and boxes relative to them
+#
+# `query_embed` `[Q, 2d]` is split into a positional half `query_pos` and a content half `tgt`
+# (DETR started `tgt` at zeros). A linear layer + sigmoid turns `query_pos` into each query's
+# **reference point**: a learned, image-independent starting place. Every decoder layer's
+# cross-attention samples around it, and the box head predicts the box **relative** to it:
+#
+# $$\text{box} = \sigma\big(\text{bbox\_embed}(h) + [\sigma^{-1}(\text{ref}), 0, 0]\big)$$
+#
+# so the head only has to predict a correction. With **iterative box refinement** (the `+refine`
+# variant, 46.2 AP on COCO instead of 44.5) each layer has its own heads and the box of layer $i$
+# becomes the reference of layer $i + 1$.
+
+# %%
+t = model.transformer(
+    srcs, masks, pos, query_embed=model.query_embed.weight,
+    class_embed=model.class_embed, bbox_embed=model.bbox_embed, refine=model.with_box_refine,
+)  # fmt: skip
+query_pos, tgt = model.query_embed.weight.split(d, dim=1)
+init_ref = model.transformer.reference_points(query_pos).sigmoid()  # [Q, 2]
+outputs = model(images, mask)
+# the last layer's box is a correction to the reference it sampled around (the one after layer L-2)
+last_ref = t["references"][-2]
+delta = model.bbox_embed[-1](t["hs"][-1])
+if last_ref.shape[-1] == 2:  # a point reference anchors the centre only
+    boxes_by_hand = torch.cat([delta[..., :2] + inverse_sigmoid(last_ref), delta[..., 2:]], -1).sigmoid()
+else:  # a box reference (after refinement) anchors all four numbers
+    boxes_by_hand = (delta + inverse_sigmoid(last_ref)).sigmoid()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+Q = mcfg.num_queries
+print(
+    "query_embed",
+    tuple(model.query_embed.weight.shape),
+    " -> query_pos",
+    tuple(query_pos.shape),
+    "+ tgt",
+    tuple(tgt.shape),
+)
+print("initial reference points", tuple(t["init_reference"].shape), " [B, Q, 2]")
+print("decoder outputs hs", tuple(t["hs"].shape), " [layers, B, Q, d]")
+print("pred_logits", tuple(outputs["pred_logits"].shape), " [B, Q, K] (sigmoid classes, no no-object column)")
+print("pred_boxes ", tuple(outputs["pred_boxes"].shape), " [B, Q, 4]")
+assert torch.allclose(t["init_reference"][0], init_ref, atol=1e-6)
+assert torch.allclose(t["init_reference"][0], t["init_reference"][1])  # learned: the same for every image
+assert torch.allclose(outputs["pred_boxes"], boxes_by_hand, atol=1e-5)
+assert outputs["pred_logits"].shape == (B, Q, mcfg.num_classes)
+
+# %% [markdown]
+# Where the reference points start (white dots, identical for every image), where each confident
+# query's box centre ends up (arrow), and that box:
+
+# %%
+probs = outputs["pred_logits"].sigmoid()
+score, label = probs.max(-1)
+fig, axes = plt.subplots(1, B, figsize=(7, 3.2), dpi=80)
+for b, ax in enumerate(axes):
+    viz.show_unit_image(viz.denormalize(images[b]), ax, title=f"image {b}: reference -> box centre")
+    h, w = targets[b]["size"].tolist()
+    to_padded = torch.tensor([w / W, h / H])  # references and boxes are relative to the valid image
+    ax.scatter(*(init_ref * to_padded).T, s=8, c="white", edgecolors="black", linewidths=0.3)
+    keep = (score[b] > 0.5).nonzero().flatten().tolist()
+    for q in keep:
+        color = viz.COLORS[q % len(viz.COLORS)]
+        r = init_ref[q] * to_padded
+        cx, cy, bw, bh = (outputs["pred_boxes"][b, q] * to_padded.repeat(2)).tolist()
+        ax.annotate(
+            "", xy=(cx, cy), xytext=tuple(r.tolist()), arrowprops=dict(arrowstyle="->", color=color, lw=1.2)
+        )
+        ax.add_patch(plt.Rectangle((cx - bw / 2, cy - bh / 2), bw, bh, fill=False, edgecolor=color, lw=1.2))
+fig.tight_layout()
+
+# %% [markdown]
+# With refinement (`with_box_refine=True`) the reference moves layer by layer; without it (this toy
+# model's setting if the line below says so) all layers sample around the same learned points and only
+# the box head's correction moves the box.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("iterative box refinement:", model.with_box_refine)
+ref_shift = [float((r[..., :2] - t["init_reference"][..., :2]).abs().max()) for r in t["references"]]
+print("reference changes after each decoder layer:", ["yes" if s > 1e-6 else "no" for s in ref_shift])
+assert (max(ref_shift) > 1e-6) == model.with_box_refine
+
+# %% [markdown]
+# ## 6. The trained model's detections and where each query looked
+#
+# `PostProcess` keeps the best (query, class) pairs over all `Q × K` sigmoid scores (a query may
+# appear with several classes). For every detection above 0.5 we also draw the sampling points of
+# its query in the **last decoder layer's** cross-attention: colour = head, marker = level
+# (○ C3, □ C4, △ C5, ◇ extra), size = attention weight. A forward hook records the inputs of that
+# `MSDeformAttn`; calling it again with `return_sampling=True` returns the locations and weights.
+
+# %%
+captured = {}
+
+
+def record_inputs(module, args, kwargs, output):
+    captured["args"], captured["kwargs"] = args, kwargs
+
+
+cross_attn = model.transformer.decoder.layers[-1].cross_attn
+handle = cross_attn.register_forward_hook(record_inputs, with_kwargs=True)
+outputs = model(images, mask)
+handle.remove()
+_, (sampling_locations, attention_weights) = cross_attn(
+    *captured["args"], **{**captured["kwargs"], "return_sampling": True}
+)
+results = PostProcess()(outputs, torch.stack([t_["size"] for t_ in targets]))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("sampling_locations", tuple(sampling_locations.shape), " [B, Q, M, L, P, 2]")
+print("attention_weights ", tuple(attention_weights.shape), " [B, Q, M, L, P]")
+M, L, P = mcfg.nheads, mcfg.num_feature_levels, mcfg.dec_n_points
+assert sampling_locations.shape == (B, Q, M, L, P, 2) and attention_weights.shape == (B, Q, M, L, P)
+assert torch.allclose(attention_weights.sum((-1, -2)), torch.ones(B, Q, M), atol=1e-5)
+
+# %%
+for b in range(B):
+    h, w = targets[b]["size"].tolist()
+    keep = (results[b]["scores"] > 0.5).nonzero().flatten()[:4]
+    flat = torch.topk(probs[b].flatten(), len(keep)).indices  # same order as PostProcess
+    queries = (flat // mcfg.num_classes).tolist()
+    fig, axes = plt.subplots(1, len(keep) + 1, figsize=(2.3 * (len(keep) + 1), 2.4), dpi=80)
+    axes = np.atleast_1d(axes)
+    gt = box_convert(targets[b]["boxes"], "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
+    viz.show_boxes(
+        images[b, :, :h, :w],
+        gt,
+        labels=targets[b]["labels"],
+        class_names=class_names,
+        ax=axes[0],
+        title=f"image {b}: ground truth",
+    )
+    for ax, k, q in zip(axes[1:], keep.tolist(), queries):
+        lab, sc = int(results[b]["labels"][k]), float(results[b]["scores"][k])
+        viz.show_sampling_points(
+            viz.denormalize(images[b]),
+            sampling_locations[b, q],
+            attention_weights[b, q],
+            ax=ax,
+            title=f"query {q}: {class_names.get(lab, lab)} {sc:.2f}",
+        )
+        x0, y0, x1, y1 = (results[b]["boxes"][k] / torch.tensor([W, H, W, H])).tolist()
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", lw=1.2))
+    fig.tight_layout()
+
+# %% [markdown]
+# ## 7. Convergence: Deformable DETR vs DETR on the bundled data
+#
+# The paper's headline: Deformable DETR matches DETR with **10× fewer epochs** (50 instead of 500 on
+# COCO), because every query starts by looking at a small neighbourhood of its reference point
+# instead of spreading uniform attention over all pixels, and because small objects are visible at
+# stride 8. Both toy models were trained on the bundled data with the same schedule; their
+# per-epoch validation metrics ship beside the checkpoints. We test the claim in the form the issue
+# states it: *does Deformable DETR reach DETR's final AP in at most a third of the epochs?*
+
+
+# %%
+def read_log(path: Path) -> list[dict]:
+    """Epoch records with COCO metrics from a training log (one JSON object per line)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("type", "epoch") == "epoch" and "AP" in r]
+
+
+logs = {name: read_log(CKPT_DIR / f"{stem}_log.jsonl") for name, stem in
+        [("DETR", "detr_shapes"), ("Deformable DETR", "deformable_shapes")]}  # fmt: skip
+curves = {name: (np.array([r["epoch"] + 1 for r in rows]), rows) for name, rows in logs.items()}
+
+fig, axes = plt.subplots(1, 2, figsize=(9, 3), dpi=80)
+for ax, key in zip(axes, ["AP", "APs"]):
+    for name, (epochs, rows) in curves.items():
+        ax.plot(epochs, [max(r[key], 0.0) for r in rows], "o-", markersize=3, label=name)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.set_ylabel(key, fontsize=8)
+    ax.set_title(
+        f"{key} (COCO {'all areas' if key == 'AP' else 'small objects'}) on data/shapes val", fontsize=8
+    )
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+detr_epochs, detr_rows = curves["DETR"]
+axes[0].axhline(detr_rows[-1]["AP"], color="gray", linestyle=":", linewidth=1)
+axes[0].axvline(detr_epochs[-1] / 3, color="gray", linestyle="--", linewidth=1)
+fig.tight_layout()
+
+# %%
+detr_final = detr_rows[-1]["AP"]
+def_epochs, def_rows = curves["Deformable DETR"]
+reached = [int(e) for e, r in zip(def_epochs, def_rows) if r["AP"] >= detr_final]
+first = reached[0] if reached else None
+budget = detr_epochs[-1] / 3
+print(f"DETR: final AP {detr_final:.3f} after {detr_epochs[-1]} epochs (APs {detr_rows[-1]['APs']:.3f})")
+print(
+    f"Deformable DETR: final AP {def_rows[-1]['AP']:.3f} after {def_epochs[-1]} epochs "
+    f"(APs {def_rows[-1]['APs']:.3f})"
+)
+if first is None:
+    print(f"Deformable DETR never reached DETR's final AP {detr_final:.3f} in {def_epochs[-1]} epochs.")
+else:
+    print(
+        f"Deformable DETR first reaches AP >= {detr_final:.3f} at epoch {first}, "
+        f"i.e. {first / detr_epochs[-1]:.0%} of DETR's {detr_epochs[-1]} epochs."
+    )
+claim = first is not None and first <= budget
+print(
+    f"Claim 'reaches DETR's final AP in <= 1/3 of the epochs (<= {budget:.1f})':",
+    "HOLDS" if claim else "DOES NOT HOLD",
+)
+time_cols = [k for k in ("train_time_s", "epoch_time_s") if all(k in r for r in detr_rows + def_rows)]
+if time_cols:
+    k = time_cols[0]
+    print(
+        f"mean training time per epoch ({k}): DETR {np.mean([r[k] for r in detr_rows]):.0f} s, "
+        f"Deformable DETR {np.mean([r[k] for r in def_rows]):.0f} s"
+    )
+
+# %% [markdown]
+# Read the numbers above, not the paper: on this tiny synthetic set both models are small, trained
+# from scratch on a CPU for a few minutes, and one run each, so the comparison is noisy. What the chart
+# does show is the mechanism the paper describes: the deformable model starts from a sensible
+# sampling pattern and reaches useful AP within the first epochs, and the multi-scale levels matter
+# for the small objects (APs).
+
+# %%
+print(f"notebook ran in {time.perf_counter() - notebook_start:.0f} s")
+
+# %% [markdown]
+# ## Summary
+#
+# * The backbone hands over **three** maps (C3–C5, strides 8–32); a stride-2 convolution adds a
+#   fourth. Each is projected to `d` channels with Conv + GroupNorm.
+# * Position codes use cell centres (offset −0.5) and get a learned **level embedding** per level;
+#   all levels are flattened into one sequence (`spatial_shapes`, `level_start_index` remember where).
+# * **Valid ratios** relate each level's padded map to the real image, so a normalised reference point
+#   means the same image location on every level and for every image in the batch.
+# * Encoder queries are the tokens themselves, with their cell centres as reference points; decoder
+#   queries get learned reference points, and boxes are predicted as corrections to them (with
+#   refinement: layer by layer).
+# * On COCO this converges about 10× faster than DETR; section 7 measures the toy version honestly.
+#
+# ## Exercises
+#
+# 1. Build a single-scale model (`num_feature_levels=1`) from the same preset and count its tokens
+#    and parameters. Which objects would you expect it to miss?
+# 2. Pad one image much more (e.g. collate it with a 2× larger blank image) and check that its
+#    detections do not move. Which tensors make that true?
+# 3. Turn on `with_box_refine` in the config, run one batch, and plot the reference box of each layer
+#    for one query.
+# 4. Look at the sampling points of a query that detects a *small* shape: which levels carry most of
+#    its attention weight? Compare with a large shape.
+# 5. Using the two logs, compare the wall-clock time (not epochs) each model needed to reach DETR's
+#    final AP.
