@@ -193,6 +193,10 @@ def test_collate_pads_and_masks():
     expected[0, :4, :6] = False
     expected[1, :7, :5] = False
     assert torch.equal(mask, expected) and [t["x"] for t in targets] == [1, 2]
+    # the torch path (used for tensors that need grad or live on a GPU) gives the same batch
+    a_grad = (a[0].clone().requires_grad_(), a[1])
+    images2, mask2, _ = collate_fn([a_grad, b])
+    assert torch.equal(images2.detach(), images) and torch.equal(mask2, mask) and images2.requires_grad
 
 
 # ---------------------------------------------------------------- bad / unusual inputs

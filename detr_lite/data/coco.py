@@ -244,7 +244,7 @@ class CocoDetectionDETR(CocoDetection):
 
     def __getitem__(self, index: int):
         image, target = self.raw_target(index)
-        image = tv_tensors.Image(image)  # uint8 [3, H, W]; resizing uint8 is cheaper than float
+        # PIL goes through the geometric transforms (PIL resize, as the official code)
         if self.transforms is not None:
             return self.transforms(image, target)
         return image, target
@@ -282,7 +282,12 @@ def build_dataset(root: str | Path, split: str, cfg: DataConfig, train: bool) ->
 # Batching
 # --------------------------------------------------------------------------------------------
 def collate_fn(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """Pad images to the batch's max H and W (zeros, bottom/right); mask is True on padding."""
+    """Pad images to the batch's max H and W (zeros, bottom/right); mask is True on padding.
+
+    Returns ``(images [B,3,Hm,Wm], mask [B,Hm,Wm] bool, targets)``. CPU tensors are padded with
+    NumPy (single-threaded): with ``num_workers=0`` this runs in the training process, where
+    torch's thread pool makes these small copies several times slower on a busy machine.
+    """
     images = [b[0] for b in batch]
     targets = [b[1] for b in batch]
     if not images:
@@ -290,8 +295,15 @@ def collate_fn(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, to
     c = images[0].shape[0]
     hm = max(im.shape[1] for im in images)
     wm = max(im.shape[2] for im in images)
+    if all(im.device.type == "cpu" and not im.requires_grad for im in images):
+        out = np.zeros((len(images), c, hm, wm), dtype=images[0].numpy().dtype)
+        mask = np.ones((len(images), hm, wm), dtype=bool)
+        for i, im in enumerate(images):
+            out[i, :, : im.shape[1], : im.shape[2]] = im.numpy()
+            mask[i, : im.shape[1], : im.shape[2]] = False
+        return torch.from_numpy(out), torch.from_numpy(mask), targets
     out = images[0].new_zeros((len(images), c, hm, wm))
-    mask = torch.ones((len(images), hm, wm), dtype=torch.bool)
+    mask = torch.ones((len(images), hm, wm), dtype=torch.bool, device=images[0].device)
     for i, im in enumerate(images):
         out[i, :, : im.shape[1], : im.shape[2]] = im
         mask[i, : im.shape[1], : im.shape[2]] = False

@@ -15,12 +15,12 @@ train::
 val: resize the short side to ``val_size`` (long side at most ``val_max_size``).
 
 Both then run ``ClampBoundingBoxes`` + ``SanitizeBoundingBoxes`` (drop boxes that a crop
-squeezed below 1 px),
-``ToDtype(float32, scale=True)``, ImageNet ``Normalize`` and ``ToDetrTarget`` (absolute xyxy
-pixels -> normalised cxcywh plain tensors, plus ``size``).
+squeezed below 1 px), ``ToNormalizedTensor`` (float32, ImageNet mean/std) and ``ToDetrTarget``
+(absolute xyxy pixels -> normalised cxcywh plain tensors, plus ``size``).
 
-Every transform takes and returns ``(image, target)`` where ``image`` is a ``tv_tensors.Image``
-and ``target['boxes']`` a ``tv_tensors.BoundingBoxes``; v2 moves the boxes with the pixels.
+Every transform takes and returns ``(image, target)`` where ``image`` is a PIL image (as in the
+official code: PIL resizes, with antialiasing) or a ``tv_tensors.Image``, and
+``target['boxes']`` a ``tv_tensors.BoundingBoxes``; v2 moves the boxes with the pixels.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
@@ -38,11 +40,13 @@ from detr_lite.config import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
+_STD = np.array(IMAGENET_STD, dtype=np.float32)
 
 
 def _image_hw(flat_inputs: list[Any]) -> tuple[int, int]:
     for x in flat_inputs:
-        if isinstance(x, (tv_tensors.Image, tv_tensors.Video)) or (
+        if isinstance(x, (PIL.Image.Image, tv_tensors.Image, tv_tensors.Video)) or (
             isinstance(x, torch.Tensor) and not isinstance(x, tv_tensors.TVTensor) and x.ndim >= 3
         ):
             h, w = F.get_size(x)
@@ -77,6 +81,26 @@ class RandomSizeCrop(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return F.crop(inpt, **params)
+
+
+class ToNormalizedTensor(v2.Transform):
+    """PIL (or uint8 tensor) image -> float32 ``[3, H, W]``, ImageNet-normalised.
+
+    The same numbers as ``ToImage + ToDtype(float32, scale=True) + Normalize(mean, std)``, but
+    computed with NumPy, single-threaded: for images this small, torch's intra-op thread pool
+    costs far more than it saves when the machine is busy (``benchmarks/bench_data.py``).
+    """
+
+    def forward(self, image: Any, target: dict) -> tuple[torch.Tensor, dict]:
+        if isinstance(image, PIL.Image.Image):
+            arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
+        else:
+            t = image.as_subclass(torch.Tensor)
+            arr = t.permute(1, 2, 0).numpy().astype(np.float32)
+            if not t.is_floating_point():
+                arr /= 255.0
+        arr = (arr - _MEAN) / _STD
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), target
 
 
 class ToDetrTarget(v2.Transform):
@@ -118,8 +142,7 @@ def build_transforms(cfg: DataConfig, train: bool) -> v2.Compose:
     """The official DETR augmentation (train) or deterministic resize (val) for ``cfg``'s sizes."""
     tail = [
         _sanitize(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ToNormalizedTensor(),
         ToDetrTarget(),
     ]
     if not train:
