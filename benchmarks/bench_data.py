@@ -31,7 +31,12 @@ ROOT = Path(__file__).resolve().parents[1] / "data" / "shapes"
 def throughput(ds, n_images: int, workers: int, batch: int = 8) -> float:
     sub = torch.utils.data.Subset(ds, range(n_images))
     loader = torch.utils.data.DataLoader(
-        sub, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate_fn, persistent_workers=False
+        sub,
+        batch_size=batch,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        persistent_workers=False,
     )
     t0 = time.perf_counter()
     n = 0
