@@ -18,9 +18,12 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 ## Main job: train the toy DETR on the bundled data, then evaluate it (COCO AP table).
+## Quick run: make train TRAIN_ARGS="--epochs 2"   (any python -m detr_lite.train option works)
+TRAIN_ARGS ?=
 train: $(STAMP)
-	$(PY) -m detr_lite.train --config detr-shapes --output runs/detr-shapes
+	$(PY) -m detr_lite.train --config detr-shapes --output runs/detr-shapes $(TRAIN_ARGS)
 	$(PY) -m detr_lite.evaluate --checkpoint runs/detr-shapes/checkpoint.pt --json runs/detr-shapes/eval.json
+	@echo "plots: runs/detr-shapes/loss.png  checkpoint: runs/detr-shapes/checkpoint.pt  metrics: runs/detr-shapes/eval.json"
 
 ## Full test suite: lint, unit/parity/CLI tests, notebook pairing check, every notebook under nbval.
 test: $(STAMP) lint sync-check unit nbval

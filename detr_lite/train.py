@@ -332,6 +332,8 @@ def run(args: argparse.Namespace) -> int:
     log = JsonlLog(output / "log.jsonl", enabled=main)
     if main:
         output.mkdir(parents=True, exist_ok=True)
+        if resume_ckpt is None:  # a fresh run starts a fresh log (a resumed one appends)
+            (output / "log.jsonl").unlink(missing_ok=True)
         write_json_atomic(cfg.to_dict(), output / "config.json")
 
     # 2. model, loss, optimiser
