@@ -392,3 +392,61 @@ def test_arrange_coco_layout_names_a_missing_image(tmp_path):
     (tmp_path / "bad.json").write_text('{"images": []}')
     with pytest.raises(ValueError, match="'annotations' list"):
         launch.arrange_coco_layout(images, tmp_path / "bad.json", tmp_path / "coco")
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes, run configs, status line
+# ---------------------------------------------------------------------------------------------
+
+
+def test_scaled_lrs_follow_the_linear_rule():
+    assert launch.scaled_lrs("detr_r50", 64) == pytest.approx((1e-4, 1e-5))
+    assert launch.scaled_lrs("detr_r50", 32) == pytest.approx((5e-5, 5e-6))
+    assert launch.scaled_lrs("deformable_detr_r50_two_stage", 32) == pytest.approx((2e-4, 2e-5))
+    assert launch.scaled_lrs("deformable_detr_r50", 8) == pytest.approx((5e-5, 5e-6))
+    with pytest.raises(ValueError, match="total_batch"):
+        launch.scaled_lrs("detr_r50", 0)
+
+
+def test_run_configs_match_the_official_variants(tmp_path):
+    from detr_lite.config import Config
+
+    detr = launch.run_config("detr_r50")
+    assert (detr.model.arch, detr.model.backbone, detr.model.num_queries) == ("detr", "resnet50", 100)
+    assert detr.model.pretrained_backbone and (detr.train.epochs, detr.train.lr_drop) == (500, 400)
+    refine = launch.run_config("deformable_detr_r50_refine")
+    assert refine.model.with_box_refine and not refine.model.two_stage
+    two = launch.run_config("deformable_detr_r50_two_stage")
+    assert two.model.with_box_refine and two.model.two_stage and two.model.num_queries == 300
+    smoke = launch.run_config("deformable_detr_r50_two_stage", smoke=True)
+    assert smoke.model.two_stage and smoke.model.backbone == "resnet18"
+    path = launch.write_run_config("detr_r50", tmp_path / "c.json", lr=5e-5, epochs=10)
+    back = Config.from_dict(json.loads(path.read_text()))
+    assert (back.train.lr, back.train.epochs, back.model.backbone) == (5e-5, 10, "resnet50")
+    with pytest.raises(ValueError, match="ARCH"):
+        launch.run_config("yolo")
+    with pytest.raises(ValueError, match="no field 'lrr'"):
+        launch.write_run_config("detr_r50", tmp_path / "d.json", lrr=1)
+
+
+def test_published_tables_are_consistent():
+    assert set(launch.OFFICIAL_CHECKPOINTS) == set(launch.PAPER_AP)
+    assert set(launch.RUN_ARCHS) <= set(launch.PAPER_AP)
+    assert launch.PAPER_AP["detr_r50"] == 42.0 and launch.PAPER_AP["deformable_detr_r50_two_stage"] == 46.9
+    assert launch.OFFICIAL_CHECKPOINTS["detr_r50"].endswith("detr-r50-e632da11.pth")
+
+
+def test_status_line_reports_progress_and_eta(tmp_path):
+    log = tmp_path / "log.jsonl"
+    recs = [
+        {"type": "iter", "epoch": 1, "iter": 7, "loss": 2.5},
+        {"type": "epoch", "epoch": 1, "AP": 0.123, "images_per_s": 100.0, "max_memory_mb": 2048.0},
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    line = launch.status_line(tmp_path, epochs=12, train_images=36_000)
+    assert line.startswith("not running") and "epoch 1 iter 7 loss 2.500" in line
+    assert "AP 12.3 after epoch 2" in line and "100.0 img/s" in line and "peak 2048 MB" in line
+    assert "to go" not in line  # no ETA for a job that is not running
+    (tmp_path / launch.PID_FILE).write_text(json.dumps({"pid": os.getpid()}))
+    line = launch.status_line(tmp_path, epochs=12, train_images=36_000)
+    assert f"running (pid {os.getpid()})" in line and "about 1.0 h to go" in line  # 10 epochs x 360 s
