@@ -156,40 +156,24 @@ def _unpad_levels(table: Tensor, shapes: list[tuple[int, int]], n: int, m: int) 
     return torch.cat(out, dim=1)
 
 
-def _corner_geometry(loc: Tensor, shapes: list[tuple[int, int]], m: int):
-    """Bilinear corners of every sample in the padded table.
+def _level_constants(shapes: list[tuple[int, int]], device, dtype):
+    """Per-level tensors shaped to broadcast over ``[N, Lq, M, L, P, ...]``.
 
-    ``loc`` is ``[N, M, Lq, L, P, 2]`` (head-major). Returns ``idx`` (int64 ``[N, M, Lq, L, P, 4]``
-    rows of the padded table, corners ordered (y0x0, y0x1, y1x0, y1x1)), the fractional parts
-    ``fx, fy`` and the "not clamped" masks ``in_x, in_y`` (``[N, M, Lq, L, P]`` each).
+    ``size`` [L, 1, 2] = (W_l, H_l); ``row_len`` [L, 1] = padded width; ``offset`` [L, 1] = table row of
+    padded pixel (0, 0) of the level relative to its head's block (includes the 1-pixel border);
+    ``corners`` [L, 1, 4] = row offsets of the 4 bilinear corners; ``head_size`` = rows per head.
     """
-    n = loc.shape[0]
-    dev, dt = loc.device, loc.dtype
-    h = torch.tensor([s[0] for s in shapes], device=dev, dtype=dt).view(-1, 1)
-    w = torch.tensor([s[1] for s in shapes], device=dev, dtype=dt).view(-1, 1)
-    wp_list = [s[1] + _PAD_BEFORE + _PAD_AFTER for s in shapes]
-    sizes = [(s[0] + _PAD_BEFORE + _PAD_AFTER) * wpl for s, wpl in zip(shapes, wp_list)]
-    starts = [0]
-    for size in sizes[:-1]:
-        starts.append(starts[-1] + size)
-    # pixel coordinates (align_corners=False): pixel i covers [i, i+1) and its centre is i + 0.5
-    x = loc[..., 0] * w - 0.5
-    y = loc[..., 1] * h - 0.5
-    in_x = (x > -1) & (x < w)
-    in_y = (y > -1) & (y < h)
-    x = torch.minimum(torch.clamp_min(x, -1.0), w)
-    y = torch.minimum(torch.clamp_min(y, -1.0), h)
-    x0 = x.floor()
-    y0 = y.floor()
-    fx = x - x0
-    fy = y - y0
-    wp = torch.tensor(wp_list, device=dev, dtype=torch.int64).view(-1, 1)
-    start = torch.tensor(starts, device=dev, dtype=torch.int64).view(-1, 1)
-    head_base = (torch.arange(n * m, device=dev, dtype=torch.int64) * sum(sizes)).view(n, m, 1, 1, 1)
-    idx00 = (y0.long() + _PAD_BEFORE) * wp + (x0.long() + _PAD_BEFORE) + start + head_base
-    corner_offsets = torch.stack([torch.zeros_like(wp), torch.ones_like(wp), wp, wp + 1], dim=-1)  # [L, 1, 4]
-    idx = idx00.unsqueeze(-1) + corner_offsets
-    return idx, fx, fy, in_x, in_y
+    pad = _PAD_BEFORE + _PAD_AFTER
+    size = torch.tensor([[w, h] for h, w in shapes], device=device, dtype=dtype).view(-1, 1, 2)
+    row_len = [w + pad for _, w in shapes]
+    starts, total = [], 0
+    for (h, _), wp in zip(shapes, row_len):
+        starts.append(total + _PAD_BEFORE * wp + _PAD_BEFORE)
+        total += (h + pad) * wp
+    row_len_t = torch.tensor(row_len, device=device, dtype=dtype).view(-1, 1)
+    offset = torch.tensor(starts, device=device, dtype=dtype).view(-1, 1)
+    corners = torch.tensor([[0, 1, wp, wp + 1] for wp in row_len], device=device, dtype=torch.int32)
+    return size, row_len_t, offset, corners.view(-1, 1, 4), total
 
 
 def _chunk_rows(num_rows: int, k: int, d: int, device: torch.device) -> int:
@@ -198,7 +182,12 @@ def _chunk_rows(num_rows: int, k: int, d: int, device: torch.device) -> int:
 
 
 class _MSDeformAttnFunction(torch.autograd.Function):
-    """Fast MSDA core with a memory-light, hand-written backward (see module docstring)."""
+    """Fast MSDA core with a memory-light, hand-written backward (see module docstring).
+
+    Bags are the (n, q, m) triples in the input order, so the ``[N*Lq*M, D]`` result is already the
+    ``[N, Lq, M*D]`` output; each bag holds ``L*P*4`` table rows (the corners) with weights
+    ``attention * bilinear``.
+    """
 
     @staticmethod
     def forward(ctx, value, sampling_locations, attention_weights, shapes):
@@ -206,49 +195,59 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         _, lq, _, n_levels, n_points, _ = sampling_locations.shape
         # compute in float32 (float64 stays float64, e.g. for gradcheck); output in value's dtype
         ct = torch.float64 if torch.float64 in (value.dtype, sampling_locations.dtype) else torch.float32
+        dev = value.device
         table = _pad_levels(value.to(ct), shapes)
-        loc = sampling_locations.to(ct).transpose(1, 2).contiguous()  # [N, M, Lq, L, P, 2]
-        attn = attention_weights.to(ct).transpose(1, 2).contiguous()  # [N, M, Lq, L, P]
-        idx, fx, fy, in_x, in_y = _corner_geometry(loc, shapes, m)
-        wx = torch.stack([1 - fx, fx], dim=-1)  # [..., 2]
-        wy = torch.stack([1 - fy, fy], dim=-1)
+        size, row_len, offset, corners, head_size = _level_constants(shapes, dev, ct)
+
+        # pixel coordinates (align_corners=False: pixel i covers [i, i + 1), centre i + 0.5), clamped
+        # to [-1, W] so that every corner is a row of the padded table (outside corners read zeros)
+        xy = torch.addcmul(torch.tensor(-0.5, device=dev, dtype=ct), sampling_locations.to(ct), size)
+        xy_clamped = torch.clamp(xy, min=torch.full_like(size, -1.0), max=size)
+        xy0 = xy_clamped.floor()
+        frac = xy_clamped - xy0  # [N, Lq, M, L, P, 2] (fx, fy)
+        # row of the top-left corner: offset + y0 * padded_W + x0 (exact in floating point) + head block
+        idx00 = torch.addcmul(xy0[..., 0], xy0[..., 1], row_len).add_(offset).to(torch.int32)
+        head_base = torch.arange(n * m, device=dev, dtype=torch.int32).view(n, 1, m, 1, 1) * head_size
+        idx = (idx00 + head_base).unsqueeze(-1) + corners  # [N, Lq, M, L, P, 4]
+
+        lin = torch.stack([1 - frac, frac], dim=-2)  # [..., corner 0/1, (x, y)]
+        wx, wy = lin[..., 0], lin[..., 1]
+        attn = attention_weights.to(ct)
         # folded weight of every corner: attention * bilinear, corner order (y0x0, y0x1, y1x0, y1x1)
         weights = ((wy * attn.unsqueeze(-1)).unsqueeze(-1) * wx.unsqueeze(-2)).flatten(-2)
-        rows = n * m * lq
-        k = n_levels * n_points * 4
+        rows, k = n * lq * m, n_levels * n_points * 4
         idx = idx.view(rows, k)
         weights = weights.view(rows, k)
         out = F.embedding_bag(idx, table, per_sample_weights=weights, mode="sum")  # [rows, D]
-        ctx.save_for_backward(table, idx, weights, wx, wy, attn, in_x, in_y)
-        ctx.meta = (shapes, value.dtype, sampling_locations.dtype, attention_weights.dtype)
-        return out.view(n, m, lq, d).transpose(1, 2).reshape(n, lq, m * d).to(value.dtype)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(table, idx, weights, lin, attn, xy)
+            ctx.meta = (shapes, value.dtype, sampling_locations.dtype, attention_weights.dtype)
+        return out.view(n, lq, m * d).to(value.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        table, idx, weights, wx, wy, attn, in_x, in_y = ctx.saved_tensors
+        table, idx, weights, lin, attn, xy = ctx.saved_tensors
         shapes, v_dtype, loc_dtype, attn_dtype = ctx.meta
-        n, m, lq, n_levels, n_points = attn.shape
+        n, lq, m, n_levels, n_points = attn.shape
         rows, k = idx.shape
         d = table.shape[-1]
         need_v, need_loc, need_attn = ctx.needs_input_grad[:3]
-        go = grad_out.to(table.dtype).reshape(n, lq, m, d).transpose(1, 2).reshape(rows, d)
+        go = grad_out.to(table.dtype).reshape(rows, d).contiguous()
 
         grad_table = torch.zeros_like(table) if need_v else None
-        grad_w = (
-            torch.empty(rows, k, device=table.device, dtype=table.dtype) if (need_loc or need_attn) else None
-        )
+        need_w = need_loc or need_attn
+        grad_w = torch.empty(rows, k, device=table.device, dtype=table.dtype) if need_w else None
         step = _chunk_rows(rows, k, d, table.device)
-        # reusable chunk buffers (fresh multi-MB allocations per chunk would dominate on CPU)
-        rows_buf = torch.empty(step, k, d, device=table.device, dtype=table.dtype)
+        # one reusable chunk buffer (fresh multi-MB allocations per chunk would dominate on CPU)
+        buf_all = torch.empty(step, k, d, device=table.device, dtype=table.dtype)
         for s in range(0, rows, step):
             e = min(rows, s + step)
-            c = e - s
-            idx_c = idx[s:e].reshape(-1)
-            buf = rows_buf[:c]
+            idx_c = idx[s:e].reshape(-1).long()  # int64: index_add_ takes its fast scatter path
+            buf = buf_all[: e - s]
             if need_v:  # d out / d table[row] = sum of weight * grad over every sample reading that row
                 torch.mul(weights[s:e, :, None], go[s:e, None, :], out=buf)
                 grad_table.index_add_(0, idx_c, buf.view(-1, d))
-            if grad_w is not None:  # d out / d weight = <grad, the row it multiplied>
+            if need_w:  # d out / d weight = <grad, the row it multiplied>
                 torch.index_select(table, 0, idx_c, out=buf.view(-1, d))
                 buf.mul_(go[s:e, None, :])
                 torch.sum(buf, dim=-1, out=grad_w[s:e])
@@ -256,21 +255,22 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         grad_value = grad_loc = grad_attn = None
         if need_v:
             grad_value = _unpad_levels(grad_table, shapes, n, m).to(v_dtype)
-        if grad_w is not None:
-            g = grad_w.view(n, m, lq, n_levels, n_points, 2, 2)  # (..., y corner, x corner)
+        if need_w:
+            g = grad_w.view(n, lq, m, n_levels, n_points, 2, 2)  # (..., y corner, x corner)
+            wx, wy = lin[..., 0], lin[..., 1]
+            # out = attn * sum_ab wy_a wx_b g_ab, with wx = (1 - fx, fx) and wy = (1 - fy, fy)
+            rows_x = (g * wx.unsqueeze(-2)).sum(-1)  # [..., 2]: interpolated along x, per y corner
             if need_attn:
-                bilinear = wy.unsqueeze(-1) * wx.unsqueeze(-2)
-                grad_attn = (g * bilinear).sum(dim=(-1, -2)).transpose(1, 2).to(attn_dtype)
+                grad_attn = (rows_x * wy).sum(-1).to(attn_dtype)
             if need_loc:
-                ga = g * attn[..., None, None]
-                # d/dfx of sum_{a,b} wy_a wx_b g_ab  with wx = (1 - fx, fx): sum_a wy_a (g_a1 - g_a0)
-                d_fx = (wy * (ga[..., 1] - ga[..., 0])).sum(-1)
-                d_fy = (wx * (ga[..., 1, :] - ga[..., 0, :])).sum(-1)
-                h = torch.tensor([s[0] for s in shapes], device=g.device, dtype=g.dtype).view(-1, 1)
-                w = torch.tensor([s[1] for s in shapes], device=g.device, dtype=g.dtype).view(-1, 1)
-                # x = loc_x * W - 0.5 (zero gradient where the coordinate was clamped)
-                grad_loc = torch.stack([d_fx * w * in_x, d_fy * h * in_y], dim=-1)
-                grad_loc = grad_loc.transpose(1, 2).to(loc_dtype)
+                cols_y = (g * wy.unsqueeze(-1)).sum(-2)  # [..., 2]: interpolated along y, per x corner
+                d_frac = torch.stack([cols_y[..., 1] - cols_y[..., 0], rows_x[..., 1] - rows_x[..., 0]], -1)
+                size = torch.tensor([[w, h] for h, w in shapes], device=g.device, dtype=g.dtype).view(
+                    -1, 1, 2
+                )
+                # x = loc_x * W - 0.5; zero gradient where the coordinate was clamped (outside the map)
+                inside = (xy > -1) & (xy < size)
+                grad_loc = (d_frac * attn.unsqueeze(-1) * size * inside).to(loc_dtype)
         return grad_value, grad_loc, grad_attn, None
 
 
