@@ -423,6 +423,11 @@ def test_run_configs_match_the_official_variants(tmp_path):
     path = launch.write_run_config("detr_r50", tmp_path / "c.json", lr=5e-5, epochs=10)
     back = Config.from_dict(json.loads(path.read_text()))
     assert (back.train.lr, back.train.epochs, back.model.backbone) == (5e-5, 10, "resnet50")
+    from detr_lite.config import get_config
+
+    for arch, (coco_preset, _, flags) in launch.RUN_ARCHS.items():  # the presets carry the variant flags
+        preset = get_config(coco_preset).model
+        assert all(getattr(preset, k) == v for k, v in flags.items()), arch
     with pytest.raises(ValueError, match="ARCH"):
         launch.run_config("yolo")
     with pytest.raises(ValueError, match="no field 'lrr'"):
