@@ -247,14 +247,27 @@ def show_attention_maps(
     return fig
 
 
-def _feature_grid(image_hw: tuple[int, int], num_tokens: int) -> tuple[int, int, int]:
-    """Recover the feature grid ``(h, w, stride)`` of a backbone from the image size and token count."""
+def _feature_grid(
+    image_hw: tuple[int, int], num_tokens: int, strides: Sequence[int] = (32, 16, 8, 64)
+) -> tuple[int, int, int]:
+    """Recover the feature grid ``(h, w, stride)`` of a backbone from the image size and token count.
+
+    The first stride in ``strides`` whose grid ``ceil(H/s) x ceil(W/s)`` has ``num_tokens`` cells wins.
+    """
     H, W = image_hw
-    for stride in (32, 16, 8, 64):
+    for stride in strides:
         h, w = math.ceil(H / stride), math.ceil(W / stride)
         if h * w == num_tokens:
             return h, w, stride
-    raise ValueError(f"cannot match {num_tokens} attention tokens to image {H}x{W} at stride 8/16/32/64")
+    raise ValueError(
+        f"cannot match {num_tokens} attention tokens to image {H}x{W} at strides {tuple(strides)}"
+    )
+
+
+def _model_strides(model: torch.nn.Module) -> tuple[int, ...]:
+    """The model's own output stride first (``model.backbone.strides[-1]``), then the usual ones."""
+    own = getattr(getattr(model, "backbone", None), "strides", None)
+    return (int(own[-1]),) + (32, 16, 8, 64) if own else (32, 16, 8, 64)
 
 
 @torch.no_grad()
@@ -279,7 +292,7 @@ def encoder_attention(
     if not enc:
         raise ValueError(f"encoder_attention: no encoder attention captured; got keys {list(attn)[:4]}...")
     weights = enc[layer][0].mean(0)  # [heads, HW, HW] -> [HW, HW]
-    h, w, _ = _feature_grid(tuple(image.shape[-2:]), weights.shape[-1])
+    h, w, _ = _feature_grid(tuple(image.shape[-2:]), weights.shape[-1], _model_strides(model))
     return weights.reshape(h, w, h, w)
 
 
@@ -299,7 +312,7 @@ def attention_explorer(
     attn = encoder_attention(model, image, mask, layer)
     h, w = attn.shape[:2]
     H, W = image.shape[-2:]
-    stride = _feature_grid((H, W), h * w)[2]
+    stride = _feature_grid((H, W), h * w, _model_strides(model))[2]
     rgb = to_rgb(image)
 
     def draw(x: int, y: int) -> Figure:

@@ -89,18 +89,19 @@ def test_show_attention_upsamples_to_image_size():
 def test_feature_grid_recovers_stride():
     assert viz._feature_grid((300, 451), 10 * 15) == (10, 15, 32)
     assert viz._feature_grid((300, 451), 19 * 29) == (19, 29, 16)
+    assert viz._feature_grid((64, 64), 4, strides=(32,)) == (2, 2, 32)
     with pytest.raises(ValueError, match="cannot match"):
         viz._feature_grid((300, 451), 7)
 
 
-def _tiny_detr():
+def _tiny_detr(**overrides):
     from detr_lite.config import ModelConfig
     from detr_lite.detr import DETR
 
     torch.manual_seed(0)
     cfg = ModelConfig(
         num_classes=3, backbone="resnet18", frozen_bn=False, hidden_dim=32, nheads=4,
-        enc_layers=2, dec_layers=1, dim_feedforward=64, dropout=0.0, num_queries=5,
+        enc_layers=2, dec_layers=1, dim_feedforward=64, dropout=0.0, num_queries=5, **overrides,
     )  # fmt: skip
     return DETR(cfg).eval()
 
@@ -111,6 +112,7 @@ def test_encoder_attention_is_the_captured_last_layer_on_the_feature_grid():
     model = _tiny_detr()
     image = viz.normalize(torch.rand(3, 64, 96))
     attn = viz.encoder_attention(model, image)
+    assert model.backbone.strides == [32]
     assert attn.shape == (2, 3, 2, 3)  # 64x96 at stride 32
     assert torch.allclose(attn.sum(dim=(2, 3)), torch.ones(2, 3), atol=1e-5)
     with torch.no_grad(), capture_attention(model) as rec:
@@ -119,6 +121,12 @@ def test_encoder_attention_is_the_captured_last_layer_on_the_feature_grid():
     assert torch.allclose(attn.reshape(6, 6), last)
     first = viz.encoder_attention(model, image, layer=0)
     assert torch.allclose(first.reshape(6, 6), rec["transformer.encoder.layers.0.self_attn"][0].mean(0))
+
+
+def test_encoder_attention_uses_the_model_stride():
+    model = _tiny_detr(backbone_layers=("layer3",))  # the toy preset's choice: stride 16
+    attn = viz.encoder_attention(model, viz.normalize(torch.rand(3, 64, 96)))
+    assert model.backbone.strides == [16] and attn.shape == (4, 6, 4, 6)
 
 
 def test_attention_explorer_draws_the_cell_under_the_point():
