@@ -435,7 +435,9 @@ def test_run_configs_match_the_official_variants(tmp_path):
 
 
 def test_published_tables_are_consistent():
-    assert set(launch.OFFICIAL_CHECKPOINTS) == set(launch.PAPER_AP)
+    from detr_lite.official import available_archs
+
+    assert set(launch.OFFICIAL_CHECKPOINTS) == set(launch.PAPER_AP) == set(available_archs())
     assert set(launch.RUN_ARCHS) <= set(launch.PAPER_AP)
     assert launch.PAPER_AP["detr_r50"] == 42.0 and launch.PAPER_AP["deformable_detr_r50_two_stage"] == 46.9
     assert launch.OFFICIAL_CHECKPOINTS["detr_r50"].endswith("detr-r50-e632da11.pth")
