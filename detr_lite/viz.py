@@ -215,11 +215,13 @@ def show_attention_maps(
     titles: Sequence[str] | None = None,
     points: Sequence[tuple[float, float]] | None = None,
     max_cols: int = 6,
+    overlay: bool = False,
 ) -> Figure:
     """The DETR-colab picture: for each map, the raw attention ``[h, w]`` on top and the image below.
 
     ``maps`` ``[n, h, w]``; ``boxes`` ``[n, 4]`` absolute xyxy (one per map, e.g. the query's
     predicted box) and/or ``points`` (x, y) are drawn on the image panel in the map's colour.
+    ``overlay=True`` draws one row instead: each map upsampled and laid over the image.
     At most ``max_cols`` maps are drawn.
     """
     if maps.dim() != 3:
@@ -227,17 +229,23 @@ def show_attention_maps(
     if maps.shape[0] == 0:
         raise ValueError("show_attention_maps: got 0 maps (n = 0); pass at least one [h, w] map")
     n = min(maps.shape[0], max_cols)
+    rows = 1 if overlay else 2
     fig, axes = plt.subplots(
-        2, n, figsize=(FIGSIZE_PER_PANEL * n * 0.9, FIGSIZE_PER_PANEL * 1.6), dpi=DPI, squeeze=False
+        rows, n, figsize=(FIGSIZE_PER_PANEL * n * 0.9, FIGSIZE_PER_PANEL * 0.8 * rows), dpi=DPI, squeeze=False
     )
     rgb = to_rgb(image)
     for i in range(n):
         color = COLORS[i % len(COLORS)]
-        top, bottom = axes[0, i], axes[1, i]
-        top.imshow(maps[i].detach().float().cpu().numpy(), cmap="inferno", interpolation="nearest")
-        top.set_title(titles[i] if titles else f"map {i}", fontsize=8, color=color)
-        top.axis("off")
-        show_image(rgb, ax=bottom)
+        title = titles[i] if titles else f"map {i}"
+        if overlay:
+            bottom = axes[0, i]
+            show_attention(rgb, maps[i], ax=bottom)
+        else:
+            top, bottom = axes[0, i], axes[1, i]
+            top.imshow(maps[i].detach().float().cpu().numpy(), cmap="inferno", interpolation="nearest")
+            top.axis("off")
+            show_image(rgb, ax=bottom)
+        axes[0, i].set_title(title, fontsize=8, color=color)
         if boxes is not None:
             draw_boxes(bottom, torch.as_tensor(boxes)[i : i + 1], colors=[color])
         if points is not None:

@@ -81,6 +81,15 @@ def test_show_attention_maps_layout_and_boxes():
     assert sum(isinstance(p, Rectangle) for p in fig.axes[4].patches) == 1
 
 
+def test_show_attention_maps_overlay_is_one_row_of_image_plus_map():
+    image = viz.normalize(torch.rand(3, 64, 96))
+    fig = viz.show_attention_maps(image, torch.rand(2, 2, 3), points=[(1, 1), (2, 2)], overlay=True)
+    assert len(fig.axes) == 2
+    assert [im.get_array().shape[:2] for im in fig.axes[0].images] == [(64, 96), (64, 96)]
+    with pytest.raises(ValueError, match="0 maps"):
+        viz.show_attention_maps(image, torch.rand(0, 2, 3))
+
+
 def test_show_attention_upsamples_to_image_size():
     ax = viz.show_attention(np.zeros((64, 96, 3), dtype=np.uint8), torch.rand(2, 3), point=(5, 5))
     assert ax.images[-1].get_array().shape == (64, 96)
