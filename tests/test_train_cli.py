@@ -333,3 +333,29 @@ def test_evaluate_cli_errors(tmp_path, capsys):
     torch.save({"model": {"w": torch.zeros(1)}}, official)
     assert evaluate.main(["--checkpoint", str(official)]) == 2
     assert "--official-arch" in capsys.readouterr().err
+
+
+def test_evaluate_official_model_zoo_file(tmp_path, tiny_data, capsys):
+    """An official-format file ({'model': state_dict} with backbone.0.body.* keys) via --official-arch."""
+    from detr_lite import evaluate
+    from detr_lite.models import build_model
+    from detr_lite.official import official_config
+
+    torch.manual_seed(0)
+    ours = build_model(official_config("detr_r50")).state_dict()
+    zoo = {
+        ("backbone.0." + k[len("backbone.") :] if k.startswith("backbone.") else k): v
+        for k, v in ours.items()
+    }
+    path = tmp_path / "detr-r50-random.pth"
+    torch.save({"model": zoo}, path)
+    js = tmp_path / "eval.json"
+    args = ["--checkpoint", str(path), "--official-arch", "detr_r50", "--data", str(tiny_data)]
+    code = evaluate.main([*args, "--batch-size", "1", "--max-iters", "1", "--json", str(js), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "|    AP |  AP50 |" in out and "(1 images, 100 detections)" in out
+    metrics = json.loads(js.read_text())
+    assert metrics["official_arch"] == "detr_r50" and metrics["num_detections"] == 100
+    assert evaluate.main(["--checkpoint", str(path), "--official-arch", "detr_r50"]) == 2
+    assert "--official-arch needs --data" in capsys.readouterr().err
