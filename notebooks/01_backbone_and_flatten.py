@@ -40,6 +40,7 @@ from torchvision.transforms import v2
 from detr_lite import viz
 from detr_lite.backbone import build_backbone
 from detr_lite.config import ModelConfig
+from detr_lite.data.coco import collate_fn
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)  # this notebook only runs forward passes
@@ -194,6 +195,9 @@ print("batch:", tuple(batch.shape), " mask:", tuple(mask.shape), mask.dtype)
 print("padded pixels per image:", mask.flatten(1).sum(1).tolist())
 assert batch.shape == (2, 3, 300, 451) and mask.shape == (2, 300, 451)
 assert mask[0].sum() == 0 and mask[1].sum() == 300 * 451 - 256 * 256
+# the package's data loader batches exactly like this (detr_lite.data.coco.collate_fn)
+pkg_batch, pkg_mask, _ = collate_fn([(im, {}) for im in images])
+assert torch.equal(pkg_batch, batch) and torch.equal(pkg_mask, mask)
 
 # %%
 fig, axes = plt.subplots(1, 4, figsize=(9, 1.9), dpi=80)
