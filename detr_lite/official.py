@@ -193,3 +193,8 @@ def load_official_checkpoint(path_or_state_dict, arch: str = "detr_r50") -> nn.M
     check_state_dict(model, state_dict, what=f"official {arch} checkpoint")
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------- Deformable DETR
+# deformable_detr_r50{,_single_scale,_refine,_two_stage}: registered by detr_lite/deformable/official.py
+import detr_lite.deformable.official  # noqa: E402,F401
