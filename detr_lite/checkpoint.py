@@ -30,6 +30,12 @@ from detr_lite.config import Config
 from detr_lite.distributed import unwrap_model
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path``."""
     path = Path(path)
@@ -40,6 +46,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         # An exception (or Ctrl-C) before the rename: drop the partial temp file, keep the old one.
