@@ -11,6 +11,9 @@ Official DETR details reproduced here:
   starts from ImageNet weights; a from-scratch backbone uses ordinary trainable ``BatchNorm2d``.
 * Only ``layer2``, ``layer3`` and ``layer4`` are trained; ``conv1``/``bn1``/``layer1`` stay fixed.
 * DC5 ("dilated C5") replaces the stride of ``layer4`` by a dilation: stride 16 instead of 32.
+* Speed, same maths: each frozen BN is folded into the convolution before it (``ConvFrozenBN2d``), so
+  ``body.conv1`` alone already applies ``bn1`` and ``body.bn1`` passes its input through; the sequence
+  ``conv1 -> bn1`` still gives the torchvision result (up to float rounding). Convolutions run channels-last.
 * Parameter names: ``body.conv1.weight``, ``body.layer1.0.bn1.running_mean`` ... are torchvision's, so the
   official ``backbone.0.body.*`` keys map to ours by dropping the ``0.``.
 """
