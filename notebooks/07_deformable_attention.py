@@ -238,10 +238,11 @@ print("head 2 (pointing down), points 1..4:", init_bias[2, 0].round().int().toli
 ax = viz.plot_offset_pattern(init_bias[:, 0], title="official init: 8 heads x 4 points (one level)")
 
 # %% [markdown]
-# The pattern is the same **in pixels of each level**, so in image space it covers 8×8 pixels of the
-# photo at level 0 but 64×64 at level 3: at initialisation every query already sees a small
-# neighbourhood at fine resolution and a wide one at coarse resolution. Here is the eye query with a
-# freshly initialised module (same marker size everywhere = uniform weights):
+# The pattern is the same **in pixels of each level**: it spans 8 level pixels across, which is 64
+# pixels of the photo at level 0 (stride 8) but 512 at level 3 (stride 64), more than the whole
+# photo. So at initialisation every query already sees a small neighbourhood at fine resolution and
+# a wide one at coarse resolution. Here is the eye query with a freshly initialised module (same
+# marker size everywhere = uniform weights):
 
 # %%
 with torch.no_grad():
