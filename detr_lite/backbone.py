@@ -9,7 +9,8 @@ Official DETR details reproduced here:
 
 * BatchNorm is *frozen* (``FrozenBatchNorm2d``: fixed statistics and affine, eps 1e-5) when the ResNet
   starts from ImageNet weights; a from-scratch backbone uses ordinary trainable ``BatchNorm2d``.
-* Only ``layer2``, ``layer3`` and ``layer4`` are trained; ``conv1``/``bn1``/``layer1`` stay fixed.
+* Only ``layer2``, ``layer3`` and ``layer4`` are trained; ``conv1``/``bn1``/``layer1`` stay fixed
+  (a from-scratch backbone with trainable BatchNorm trains every stage: its stem is random).
 * DC5 ("dilated C5") replaces the stride of ``layer4`` by a dilation: stride 16 instead of 32.
 * Speed, same maths: each frozen BN is folded into the convolution before it (``ConvFrozenBN2d``), so
   ``body.conv1`` alone already applies ``bn1`` and ``body.bn1`` passes its input through; the sequence
@@ -180,9 +181,12 @@ class Backbone(nn.Module):
         if frozen_bn:
             _fold_frozen_bn(resnet)  # faster, same maths: see ConvFrozenBN2d
 
-        # Official rule: train layer2-4 only (and nothing when train_backbone is False).
+        # Official rule: train layer2-4 only (and nothing when train_backbone is False). The rule
+        # exists because conv1/layer1 come pretrained; a from-scratch backbone (trainable BatchNorm)
+        # would otherwise keep a *random* stem forever, so there every stage trains.
+        stages = _TRAINABLE_STAGES if frozen_bn else ("conv1", "bn1", *_STAGES)
         for pname, param in resnet.named_parameters():
-            keep = train_backbone and pname.split(".")[0] in _TRAINABLE_STAGES
+            keep = train_backbone and pname.split(".")[0] in stages
             param.requires_grad_(keep)
 
         order = sorted(return_layers, key=_STAGES.index)

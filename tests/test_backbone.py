@@ -101,7 +101,12 @@ def test_only_layer2_to_4_train_and_frozen_bn_stays_fixed():
 def test_trainable_bn_and_state_dict_names():
     bb = Backbone("resnet18", frozen_bn=False)
     assert isinstance(bb.body.bn1, nn.BatchNorm2d) and bb.body.layer2[0].bn1.weight.requires_grad
-    assert not bb.body.bn1.weight.requires_grad  # stem stays frozen, as the official rule says
+    # from scratch every stage trains (a random stem must learn); pretrained/frozen-BN keeps the
+    # official rule: conv1/layer1 fixed
+    assert bb.body.bn1.weight.requires_grad and bb.body.conv1.weight.requires_grad
+    frozen = Backbone("resnet18", frozen_bn=True)
+    assert not frozen.body.conv1.weight.requires_grad and not frozen.body.layer1[0].conv1.weight.requires_grad
+    assert frozen.body.layer2[0].conv1.weight.requires_grad
     keys = Backbone("resnet18").state_dict().keys()
     assert "body.conv1.weight" in keys and "body.layer4.1.bn2.running_var" in keys
     assert not any(k.startswith("body.fc") or k.endswith("num_batches_tracked") for k in keys)
