@@ -1,0 +1,295 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Object queries and decoder self-attention
+#
+# **Learning goal.** The first half of the seed's decoder stage:
+#
+# > Input: Encoder-Out (d×HW), Object-Query (num_query × dim_query) → (100×256).
+# > 1 Self-attention on the object queries, so that each object query attends to different object
+# > information: a) object queries `[num_layer(6), num_query(100), B, 256]`; b) key and value are
+# > computed from the query itself; c) `query_positional_embedding` `[num_layer(6), num_query(100), B, 256]`.
+#
+# We make the 100 learned **object queries**, see why the decoder's input `tgt` starts at zero, build
+# the decoder's self-attention by hand and check it against `detr_lite.transformer.TransformerDecoderLayer`,
+# then stack six layers and relate the seed's sequence-first `[6, 100, B, 256]` to the package's
+# batch-first `[6, B, 100, 256]`. Finally we look at what the queries of the trained toy DETR have
+# learned: where each query "slot" predicts boxes, and how the queries attend to each other.
+
+# %%
+# %matplotlib inline
+import math
+
+import matplotlib.pyplot as plt
+import torch
+from torch.utils.data import DataLoader, Subset
+from torchvision.ops import box_convert
+
+from detr_lite import viz
+from detr_lite.checkpoint import load_checkpoint
+from detr_lite.config import get_config
+from detr_lite.data.coco import build_dataset, collate_fn
+from detr_lite.transformer import TransformerDecoder, TransformerDecoderLayer, capture_attention
+
+torch.manual_seed(0)
+torch.set_grad_enabled(False)
+
+# %% [markdown]
+# ## 1. Object queries: 100 learned vectors
+#
+# DETR predicts a fixed-size *set* of N = 100 detections. Each prediction slot owns one learned
+# 256-d vector, an `nn.Embedding(100, 256)`: the **object queries**. They are the same for every
+# image; only what they read from the image differs.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+num_queries, d, nhead, B = 100, 256, 8, 2
+query_embed = torch.nn.Embedding(num_queries, d)
+print("query_embed.weight:", tuple(query_embed.weight.shape), " (num_query x dim_query)")
+assert query_embed.weight.shape == (100, 256)
+
+# %% [markdown]
+# For a batch they are repeated per image. The official code (and the seed) use the sequence-first
+# layout `[num_query, B, 256]`; the package is batch-first `[B, num_query, 256]`.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+query_pos_seq = query_embed.weight.unsqueeze(1).repeat(1, B, 1)  # [100, B, 256]  official / seed
+query_pos = query_embed.weight.unsqueeze(0).expand(B, -1, -1)  # [B, 100, 256]  detr_lite
+print("seq-first  :", tuple(query_pos_seq.shape))
+print("batch-first:", tuple(query_pos.shape))
+assert torch.equal(query_pos_seq.transpose(0, 1), query_pos)
+
+# %% [markdown]
+# The decoder's running state `tgt` (the "content" of each slot) **starts at zero**. The learned
+# queries enter every layer only as a *positional* code, added to the attention queries and keys,
+# exactly as the sine code `pos` is added to the image tokens in the encoder.
+
+# %%
+tgt = torch.zeros_like(query_pos)  # [B, 100, 256]
+
+# %% [markdown]
+# ## 2. Decoder self-attention, by hand
+#
+# Self-attention among the queries: `q = k = tgt + query_pos`, `v = tgt`. It is how slots talk to each
+# other, e.g. so that two slots do not both claim the same object. We write multi-head attention out
+# with matrix multiplies (as in notebook 02) and use the weights of a package decoder layer.
+
+
+# %%
+def multi_head_attention(query, key, value, in_w, in_b, out_w, out_b, nhead):
+    """Returns (output [B, Lq, d], weights [B, nhead, Lq, Lk]); weights as in nn.MultiheadAttention."""
+    Wq, Wk, Wv = in_w.chunk(3)
+    bq, bk, bv = in_b.chunk(3)
+    Bn, Lq, dm = query.shape
+    Lk, dh = key.shape[1], dm // nhead
+    q = (query @ Wq.T + bq).view(Bn, Lq, nhead, dh).transpose(1, 2)
+    k = (key @ Wk.T + bk).view(Bn, Lk, nhead, dh).transpose(1, 2)
+    v = (value @ Wv.T + bv).view(Bn, Lk, nhead, dh).transpose(1, 2)
+    weights = (q @ k.transpose(-2, -1) / math.sqrt(dh)).softmax(dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(Bn, Lq, dm)
+    return out @ out_w.T + out_b, weights
+
+
+layer = TransformerDecoderLayer(d_model=d, nhead=nhead, dim_feedforward=2048, dropout=0.1).eval()
+for p in layer.parameters():  # random weights everywhere (biases and norms too), so checks are not trivial
+    torch.nn.init.normal_(p, std=0.05)
+sa = layer.self_attn
+params = (sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias)
+
+# %% [markdown]
+# In the **first** layer `tgt = 0`, so every value vector is just the value bias `b_v`, and any
+# weighted average of identical vectors is that vector: the output is `out_proj(b_v)`, the same for
+# every slot whatever the attention weights. Only from the second layer on does self-attention carry
+# information between slots.
+
+# %%
+first, _ = multi_head_attention(tgt + query_pos, tgt + query_pos, tgt, *params, nhead)
+b_v = sa.in_proj_bias[2 * d :]
+assert torch.allclose(first, (b_v @ sa.out_proj.weight.T + sa.out_proj.bias).expand_as(first), atol=1e-6)
+
+# %% [markdown]
+# So for a meaningful check we use a non-zero `tgt`, as it is after a layer has run.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+tgt1 = torch.randn(B, num_queries, d)
+q = k = tgt1 + query_pos
+by_hand, weights = multi_head_attention(q, k, tgt1, *params, nhead)
+print(
+    "self-attention output:", tuple(by_hand.shape), " weights:", tuple(weights.shape), " [B, heads, 100, 100]"
+)
+assert torch.allclose(layer.self_attn(q, k, tgt1), by_hand, atol=1e-5)
+
+# %% [markdown]
+# The layer then adds the result back and normalises (`norm1`); cross-attention (notebook 04) and the
+# FFN follow. The query-to-query weight matrix of one head of this random layer:
+
+# %%
+fig, ax = plt.subplots(figsize=(2.6, 2.4), dpi=80)
+ax.imshow(weights[0, 0], cmap="viridis")
+ax.set_title("untrained: head 0, query -> query", fontsize=8)
+ax.set_xlabel("key (query slot)", fontsize=8)
+ax.set_ylabel("query slot", fontsize=8)
+# %% [markdown]
+# ## 3. Six decoder layers and the shared final norm
+#
+# `TransformerDecoder` stacks six layers and, for DETR's auxiliary losses, returns **every** layer's
+# output, each passed through **one shared** LayerNorm. The decoder needs the encoder's memory to
+# cross-attend to; here a random one for a 10×15 feature grid.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+HW = 10 * 15
+memory = torch.randn(B, HW, d)
+pos = torch.randn(B, HW, d)
+decoder = TransformerDecoder(layer, num_layers=6, d_model=d, return_intermediate=True).eval()
+hs = decoder(tgt, memory, None, pos, query_pos)
+print("hs (batch-first):", tuple(hs.shape), " [num_layer, B, num_query, 256]")
+hs_seq = hs.transpose(1, 2)
+print(
+    "hs (seq-first)  :", tuple(hs_seq.shape), " [num_layer(6), num_query(100), B, 256]  (the seed's notation)"
+)
+assert hs.shape == (6, 2, 100, 256) and hs_seq.shape == (6, 100, 2, 256)
+
+# %% [markdown]
+# Run the layers one at a time to see where the norm sits: layer `i`'s output goes on, un-normalised,
+# to layer `i+1`; a normalised copy `norm(tgt)` is what is stored in `hs[i]` (and fed to the heads).
+
+# %%
+state = tgt
+for i, lyr in enumerate(decoder.layers):
+    state = lyr(state, memory, None, pos, query_pos)
+    assert torch.allclose(hs[i], decoder.norm(state), atol=1e-5)
+    assert not torch.allclose(hs[i], state, atol=1e-2)  # the stored copy really is normalised
+
+# %% [markdown]
+# ## 4. What the trained toy DETR's queries learned
+#
+# The toy model shipped with the package (`data/checkpoints/detr_shapes.pt`, preset `detr-shapes`) has 20
+# queries of width 128 and 3 decoder layers. We run it over the first 60 bundled validation images
+# (all 150 give the same picture, only denser; 60 keep this notebook fast on a laptop CPU).
+
+# %%
+model, cfg, ckpt = load_checkpoint("../data/checkpoints/detr_shapes.pt")
+val = build_dataset("../data/shapes", "val2017", cfg.data, train=False)
+loader = DataLoader(Subset(val, range(60)), batch_size=20, collate_fn=collate_fn)
+preds = []
+for images, masks, _ in loader:
+    out = model(images, masks)
+    prob = out["pred_logits"].softmax(-1)
+    preds.append(torch.cat([out["pred_boxes"], 1 - prob[..., -1:]], dim=-1))  # cx, cy, w, h, p(object)
+preds = torch.cat(preds)  # [num_images, num_queries, 5]
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("model queries:", tuple(model.query_embed.weight.shape), " predictions:", tuple(preds.shape))
+num_q = cfg.model.num_queries
+assert preds.shape == (60, num_q, 5)
+
+# %% [markdown]
+# **Query slots.** As in Fig. 7 of the DETR paper: for every query, the centres of its boxes over all
+# validation images, coloured by the box: green = small, red = large and wide, blue = large and tall
+# (faint where the query predicts "no object"). Each query specialises in a region of the image and a
+# range of box sizes.
+
+
+# %%
+def slot_colors(boxes):
+    """green = small (w*h < 0.04), red = large & wide, blue = large & tall."""
+    w, h = boxes[:, 2], boxes[:, 3]
+    small = w * h < 0.04
+    colors = torch.where((w > h)[:, None], torch.tensor([0.85, 0.1, 0.1]), torch.tensor([0.1, 0.2, 0.9]))
+    colors[small] = torch.tensor([0.1, 0.7, 0.1])
+    return colors.numpy()
+
+
+rows = math.ceil(num_q / 10)
+fig, axes = plt.subplots(rows, 10, figsize=(10, 1.2 * rows), dpi=80, squeeze=False)
+for qi, ax in enumerate(axes.flat):
+    if qi >= num_q:
+        ax.axis("off")
+        continue
+    p = preds[:, qi]
+    alpha = (0.15 + 0.85 * (p[:, 4] > 0.5).float()).numpy()
+    ax.scatter(p[:, 0], p[:, 1], s=4, c=slot_colors(p[:, :4]), alpha=alpha, linewidths=0)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(1, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"query {qi}", fontsize=7)
+fig.tight_layout()
+
+# %% [markdown]
+# **Decoder self-attention of the trained model** on one validation image: the last decoder layer's
+# query-to-query weights (heads averaged). Rows and columns of the queries that detect an object are
+# marked; the slots that fire attend to each other, which is how DETR avoids duplicate detections
+# without non-maximum suppression.
+
+# %%
+image, target = val[3]
+with capture_attention(model, layers=["transformer.decoder"]) as attn:
+    out = model(image[None])
+names = sorted(k for k in attn if k.endswith("self_attn"))
+last = attn[names[-1]][0].mean(0)  # [Q, Q]
+keep = (1 - out["pred_logits"][0].softmax(-1)[:, -1]) > 0.5
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("decoder self-attention layers:", names)
+print("last layer weights:", tuple(attn[names[-1]].shape), " [B, heads, Q, Q]")
+assert last.shape == (num_q, num_q)
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(6.2, 2.8), dpi=80)
+axes[0].imshow(last, cmap="viridis")
+for qi in torch.nonzero(keep).flatten().tolist():
+    axes[0].axhline(qi, color="red", linewidth=0.6, alpha=0.6)
+    axes[0].axvline(qi, color="red", linewidth=0.6, alpha=0.6)
+axes[0].set_title("trained: last decoder self-attn", fontsize=8)
+axes[0].set_xlabel("key query", fontsize=8)
+axes[0].set_ylabel("query", fontsize=8)
+H_img, W_img = image.shape[-2:]
+scale = torch.tensor([W_img, H_img, W_img, H_img])
+boxes = box_convert(out["pred_boxes"][0][keep] * scale, "cxcywh", "xyxy")
+viz.show_image(image, ax=axes[1], title="queries with p(object) > 0.5")
+viz.draw_boxes(
+    axes[1], boxes, labels=torch.nonzero(keep).flatten(), class_names=[f"q{i}" for i in range(num_q)]
+)
+fig.tight_layout()
+
+# %% [markdown]
+# ## Summary
+#
+# * **Object queries** are `N` learned vectors (`nn.Embedding(100, 256)` in DETR, 20×128 in the toy
+#   model). They act as *positional* codes of the prediction slots; the decoder's content state `tgt`
+#   starts at zero.
+# * **Decoder self-attention**: `q = k = tgt + query_pos`, `v = tgt` — the slots exchange information.
+#   In layer 1 it can only add the constant `out_proj(b_v)`, because `tgt = 0`.
+# * The decoder returns every layer's output through **one shared LayerNorm**: batch-first
+#   `[6, B, 100, 256]` in the package, `[num_layer(6), num_query(100), B, 256]` sequence-first in the seed;
+#   `hs.transpose(1, 2)` converts.
+# * Trained queries **specialise** by image region and box shape (query-slot plot) and the detecting
+#   slots attend to each other in the last layer.
+#
+# ## Exercises
+#
+# 1. Swap two rows of `query_embed.weight` in the trained model and rerun the query-slot plot. What
+#    changes, and what does not? (Hint: is the decoder permutation-equivariant in its queries?)
+# 2. Replace `tgt = 0` by `tgt = query_pos` (and remove `query_pos` from the attention inputs). Is the
+#    first layer's self-attention still trivial?
+# 3. The shared final norm is applied to all six outputs. Why does that matter for the auxiliary
+#    losses, which put the same class and box heads on every layer?
+# 4. For the trained model, find the two queries with the largest mutual attention on an image with
+#    two objects of the same class. Do they predict the same object?

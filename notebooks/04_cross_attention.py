@@ -1,0 +1,326 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Cross-attention, the prediction heads, and where each query looks
+#
+# **Learning goal.** The second half of the seed's decoder stage:
+#
+# > 2 Cross-attention between the object queries and encoder_out, so that the object queries find
+# > the different objects on the feature map: query = the self-attention output
+# > `[num_layer(6), num_query(100), B, 256]`; key, value = the encoder output `[N, B, 256]`;
+# > query_positional_embedding `[num_layer(6), num_query(100), B, 256]`; key_positional_embedding =
+# > the feature map's positional encoding `[W_feat·H_feat, B, 256]`; key_padding_mask = the feature
+# > map's padding mask `[B, W_feat·H_feat]`.
+#
+# We build cross-attention (`q = tgt + query_pos`, `k = memory + pos`, `v = memory`, padded keys masked)
+# and a whole decoder layer by hand and check them against `detr_lite.transformer`; then run the full
+# `detr_lite.detr.DETR` forward, rebuild its class and box heads by hand, and finally draw each
+# query's cross-attention over the image next to the box it predicts, untrained and trained.
+
+# %%
+# %matplotlib inline
+import math
+
+import matplotlib.pyplot as plt
+import skimage.data
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+
+from detr_lite import viz
+from detr_lite.checkpoint import load_checkpoint
+from detr_lite.config import ModelConfig, get_config
+from detr_lite.data.coco import build_dataset, collate_fn
+from detr_lite.data.shapes import SHAPE_CLASSES
+from detr_lite.detr import DETR, PostProcess
+from detr_lite.models import build_model
+from detr_lite.transformer import TransformerDecoderLayer, capture_attention
+
+torch.manual_seed(0)
+torch.set_grad_enabled(False)
+
+# %% [markdown]
+# ## 1. The inputs of cross-attention
+#
+# A batch of two images whose feature grids are 10×15; image 1 is smaller and padded (its real
+# region is 8×9 cells). From the encoder we have `memory` and its positional code `pos`, from the
+# decoder's self-attention step (notebook 03) the slot states `tgt` and the object queries `query_pos`.
+
+# %%
+B, h, w, d, nhead, Q = 2, 10, 15, 256, 8, 100
+HW = h * w
+feat_mask = torch.zeros(B, h, w, dtype=torch.bool)
+feat_mask[1, 8:, :] = True
+feat_mask[1, :, 9:] = True
+memory = torch.randn(B, HW, d)  # encoder output, batch-first [B, HW, 256]
+pos = torch.randn(B, HW, d)  # sine code of the feature grid, flattened the same way
+tgt = torch.randn(B, Q, d)  # slot states after self-attention
+query_pos = torch.randn(Q, d).expand(B, Q, d)  # object queries, repeated per image
+key_padding_mask = feat_mask.flatten(1)  # [B, HW], True = padded cell
+
+# %% [markdown]
+# In the seed's (and the official code's) sequence-first notation these are:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("key / value = memory  :", tuple(memory.transpose(0, 1).shape), " [HW, B, 256]")
+print("key positional (pos)  :", tuple(pos.transpose(0, 1).shape), " [W_feat*H_feat, B, 256]")
+print("query (tgt)           :", tuple(tgt.transpose(0, 1).shape), " [num_query, B, 256]")
+print("key_padding_mask      :", tuple(key_padding_mask.shape), " [B, W_feat*H_feat]")
+assert memory.transpose(0, 1).shape == pos.transpose(0, 1).shape == (150, 2, 256)
+assert tgt.transpose(0, 1).shape == (100, 2, 256) and key_padding_mask.shape == (2, 150)
+
+# %% [markdown]
+# ## 2. Cross-attention, by hand
+#
+# Same multi-head attention as before, but the queries come from the slots and the keys and values
+# from the image: `q = tgt + query_pos`, `k = memory + pos`, `v = memory`. Positional codes go into
+# queries and keys only; the value carries pure content. Padded cells get score −∞.
+
+
+# %%
+def multi_head_attention(query, key, value, attn, nhead, key_padding_mask=None):
+    """Attention with the weights of a package ``Attention`` module -> (out [B, Lq, d], weights [B, nhead, Lq, Lk])."""
+    Wq, Wk, Wv = attn.in_proj_weight.chunk(3)
+    bq, bk, bv = attn.in_proj_bias.chunk(3)
+    Bn, Lq, dm = query.shape
+    Lk, dh = key.shape[1], dm // nhead
+    q = (query @ Wq.T + bq).view(Bn, Lq, nhead, dh).transpose(1, 2)
+    k = (key @ Wk.T + bk).view(Bn, Lk, nhead, dh).transpose(1, 2)
+    v = (value @ Wv.T + bv).view(Bn, Lk, nhead, dh).transpose(1, 2)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(dh)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    weights = scores.softmax(dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(Bn, Lq, dm)
+    return attn.out_proj(out), weights
+
+
+layer = TransformerDecoderLayer(d_model=d, nhead=nhead, dim_feedforward=2048, dropout=0.1).eval()
+for p in layer.parameters():  # random weights everywhere, so that the checks are not trivial
+    torch.nn.init.normal_(p, std=0.05)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+cross, cross_w = multi_head_attention(
+    tgt + query_pos, memory + pos, memory, layer.multihead_attn, nhead, key_padding_mask
+)
+print(
+    "cross-attention output:",
+    tuple(cross.shape),
+    " weights:",
+    tuple(cross_w.shape),
+    " [B, heads, num_query, HW]",
+)
+assert cross.shape == (2, 100, 256) and cross_w.shape == (2, 8, 100, 150)
+assert (cross_w[1][..., key_padding_mask[1]] == 0).all()  # no query looks at padding
+pkg = layer.multihead_attn(tgt + query_pos, memory + pos, memory, key_padding_mask)
+assert torch.allclose(pkg, cross, atol=1e-5)
+
+# %% [markdown]
+# ## 3. A whole decoder layer, by hand
+#
+# self-attention → add & norm1 → cross-attention → add & norm2 → FFN → add & norm3 (post-norm).
+
+
+# %%
+def decoder_layer(tgt, memory, key_padding_mask, pos, query_pos, L):
+    q = tgt + query_pos
+    sa, _ = multi_head_attention(q, q, tgt, L.self_attn, nhead)
+    tgt = L.norm1(tgt + sa)
+    ca, _ = multi_head_attention(
+        tgt + query_pos, memory + pos, memory, L.multihead_attn, nhead, key_padding_mask
+    )
+    tgt = L.norm2(tgt + ca)
+    ffn = L.linear2(F.relu(L.linear1(tgt)))
+    return L.norm3(tgt + ffn)
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+out_hand = decoder_layer(tgt, memory, key_padding_mask, pos, query_pos, layer)
+out_pkg = layer(tgt, memory, key_padding_mask, pos, query_pos)
+print("decoder layer output:", tuple(out_pkg.shape), " [B, num_query, 256]")
+assert torch.allclose(out_pkg, out_hand, atol=1e-5)
+
+# %% [markdown]
+# ## 4. The full DETR forward and its heads
+#
+# `detr_lite.detr.DETR` chains everything: backbone → 1×1 projection → flatten (+ sine code) →
+# transformer → heads. With the default (COCO) configuration: ResNet-50, d = 256, 6 + 6 layers,
+# 100 queries, 91 class ids + 1 "no object". We feed two real photographs (downsized so that the CPU
+# forward stays quick), padded as in notebook 01 (weights random: shapes are what we check here).
+
+# %%
+to_input = v2.Compose(
+    [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(viz.IMAGENET_MEAN, viz.IMAGENET_STD)]
+)
+cat = v2.functional.resize(to_input(skimage.data.chelsea()), [200, 300], antialias=True)  # 3x200x300
+astronaut = to_input(skimage.data.astronaut()[::2, ::2])  # 3x256x256
+photos = [cat, astronaut]
+images, mask, _ = collate_fn([(im, {}) for im in photos])  # pads to 256x300, mask True = pad
+detr = DETR(ModelConfig()).eval()  # the official architecture, 91 classes
+
+# %%
+# NBVAL_CHECK_OUTPUT
+outputs = detr(images, mask)
+print("pred_logits:", tuple(outputs["pred_logits"].shape), " [B, num_query, K+1]")
+print("pred_boxes :", tuple(outputs["pred_boxes"].shape), " [B, num_query, 4] normalised cx, cy, w, h")
+print(
+    "aux_outputs:",
+    len(outputs["aux_outputs"]),
+    "x",
+    {k: tuple(v.shape) for k, v in outputs["aux_outputs"][0].items()},
+)
+assert outputs["pred_logits"].shape == (2, 100, 92) and outputs["pred_boxes"].shape == (2, 100, 4)
+assert len(outputs["aux_outputs"]) == 5
+
+# %% [markdown]
+# Now the same forward step by step, with the model's own modules, ending in the two heads written
+# out: the class head is one `Linear(256, K+1)`; the box head is a 3-layer MLP (256 → 256 → 256 → 4,
+# ReLU between) followed by a sigmoid, so boxes are normalised to [0, 1]. Both run on **all six**
+# decoder outputs at once; the last one is the prediction, the other five feed the auxiliary losses.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+[(feat, small_mask)] = detr.backbone(images, mask)
+src = detr.input_proj(feat).flatten(2).transpose(1, 2)  # [B, HW, 256]
+pos_img = detr.position_embedding(small_mask).flatten(2).transpose(1, 2)  # [B, HW, 256]
+hs, memory_img = detr.transformer(src, small_mask.flatten(1), detr.query_embed.weight, pos_img)
+print("memory:", tuple(memory_img.shape), " hs:", tuple(hs.shape), " [num_layer, B, num_query, 256]")
+logits = hs @ detr.class_embed.weight.T + detr.class_embed.bias  # [6, B, 100, 92]
+L0, L1, L2 = detr.bbox_embed.layers
+boxes = torch.sigmoid(L2(F.relu(L1(F.relu(L0(hs))))))  # [6, B, 100, 4]
+print("class logits, all layers:", tuple(logits.shape), " boxes, all layers:", tuple(boxes.shape))
+assert torch.allclose(logits[-1], outputs["pred_logits"], atol=1e-4) and torch.allclose(
+    boxes[-1], outputs["pred_boxes"], atol=1e-5
+)
+assert all(
+    torch.allclose(boxes[i], aux["pred_boxes"], atol=1e-5) for i, aux in enumerate(outputs["aux_outputs"])
+)
+
+# %% [markdown]
+# `PostProcess` turns the raw outputs into detections: softmax, drop "no object", best class per
+# query, boxes to absolute `xyxy` of the given image sizes `(h, w)`.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+dets = PostProcess()(outputs, torch.tensor([[200, 300], [256, 256]]))  # (h, w) of each real image
+print([{k: tuple(v.shape) for k, v in det.items()} for det in dets])
+assert dets[0]["boxes"].shape == (100, 4)
+
+# %% [markdown]
+# ## 5. Where does each query look? Cross-attention maps
+#
+# The DETR colab `detr_attention.ipynb` registers **forward hooks** on the last decoder layer's
+# `multihead_attn` (PyTorch's `nn.MultiheadAttention`, which returns head-averaged weights as its
+# second output). Our attention runs on the fused `scaled_dot_product_attention` path, which never
+# materialises the weights, so hooks would find nothing; instead `capture_attention(model)` switches
+# every attention layer to the explicit softmax for the duration of a `with` block and records
+# `[B, heads, Lq, Lk]` per layer. It also works on `nn.MultiheadAttention` (it adds the hooks for you);
+# here both routes agree:
+
+# %%
+mha = torch.nn.MultiheadAttention(d, nhead, batch_first=True).eval()
+hooked = []
+handle = mha.register_forward_hook(lambda module, args, out: hooked.append(out[1]))  # the colab way
+mha(tgt, memory, memory)  # need_weights=True by default: [B, Lq, Lk], heads averaged
+handle.remove()
+holder = torch.nn.ModuleDict({"mha": mha})
+with capture_attention(holder) as attn:
+    mha(tgt, memory, memory)
+assert torch.allclose(attn["mha"].mean(1), hooked[0], atol=1e-6)
+
+# %% [markdown]
+# For the toy DETR we take the last decoder layer's cross-attention, average the heads and reshape
+# each query's `HW` weights to the `h × w` feature grid. Each map is drawn above the image with the
+# box that query predicts. First an **untrained** model (random weights): its queries' maps are
+# arbitrary and its boxes meaningless.
+
+# %%
+cfg = get_config("detr-shapes")
+val = build_dataset("../data/shapes", "val2017", cfg.data, train=False)
+
+
+def query_attention(model, image, top=4, threshold=None):
+    """(maps [n, h, w], boxes xyxy [n, 4], titles) for the n most confident queries of one image."""
+    with capture_attention(model, layers=["transformer.decoder"]) as attn:
+        out = model(image[None])
+    names = sorted(k for k in attn if k.endswith("multihead_attn"))
+    weights = attn[names[-1]][0].mean(0)  # last layer, heads averaged: [Q, HW]
+    H_img, W_img = image.shape[-2:]
+    stride = model.backbone.strides[-1]  # the toy model stops at layer3: stride 16
+    gh, gw = math.ceil(H_img / stride), math.ceil(W_img / stride)
+    prob = out["pred_logits"][0].softmax(-1)[:, :-1]  # drop "no object"
+    score, label = prob.max(-1)
+    order = score.argsort(descending=True)[:top]
+    if threshold is not None:  # the confident ones, but always at least the best query
+        order = order[: max(1, int((score[order] > threshold).sum()))]
+    boxes = box_convert(
+        out["pred_boxes"][0, order] * torch.tensor([W_img, H_img, W_img, H_img]), "cxcywh", "xyxy"
+    )
+    titles = [
+        f"q{int(q)} {SHAPE_CLASSES[int(label[q]) - 1] if label[q] > 0 else '?'} {score[q]:.2f}" for q in order
+    ]
+    return weights[order].view(-1, gh, gw), boxes, titles
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+torch.manual_seed(0)
+untrained = build_model(cfg.model).eval()
+image, target = val[3]
+maps, boxes, titles = query_attention(untrained, image)
+print("image", tuple(image.shape), "-> per-query maps", tuple(maps.shape))
+assert maps.shape == (4, math.ceil(image.shape[1] / 16), math.ceil(image.shape[2] / 16))
+
+# %%
+fig = viz.show_attention_maps(image, maps, boxes=boxes, titles=["untrained " + t for t in titles])
+
+# %% [markdown]
+# The **trained** toy DETR (`data/checkpoints/detr_shapes.pt`): we keep the queries that are confident
+# (p > 0.7). Each query's attention concentrates on the extremities of its object (the edges that
+# pin down the box), and the box sits where the query looks.
+
+# %%
+model, _, _ = load_checkpoint("../data/checkpoints/detr_shapes.pt")
+for idx in (3, 7):
+    image, target = val[idx]
+    maps, boxes, titles = query_attention(model, image, top=6, threshold=0.7)
+    fig = viz.show_attention_maps(image, maps, boxes=boxes, titles=titles)
+
+# %% [markdown]
+# ## Summary
+#
+# * **Cross-attention**: `q = tgt + query_pos` (slots), `k = memory + pos` and `v = memory` (image
+#   tokens), with the `[B, HW]` key padding mask; in the seed's sequence-first notation the keys are
+#   `[HW, B, 256]`. Padded cells receive weight exactly 0.
+# * A **decoder layer** = self-attention → norm1 → cross-attention → norm2 → FFN → norm3; our version
+#   from primitives equals `TransformerDecoderLayer`.
+# * **Heads**: `Linear(256, K+1)` for classes (K+1 = 92 for COCO) and a 3-layer MLP + sigmoid for
+#   normalised `cxcywh` boxes, applied to all decoder layers at once: `pred_logits` `[B, 100, 92]`,
+#   `pred_boxes` `[B, 100, 4]` and 5 `aux_outputs`.
+# * **Attention maps**: the colab hooks `nn.MultiheadAttention`; `capture_attention` records the
+#   weights of every layer without hooks. A trained query's cross-attention sits on its object.
+#
+# ## Exercises
+#
+# 1. Remove `pos` from the keys of cross-attention in the trained model (monkey-patch or copy the
+#    layer). How do the maps and boxes change?
+# 2. Show the 8 heads of one trained query separately. Do some heads look at the left/right and
+#    others at the top/bottom edges of the object?
+# 3. Draw the cross-attention of the same query in decoder layers 1, 2 and 3. How does it sharpen?
+# 4. `PostProcess` keeps all 100 (here 20) queries. Filter by score and compare with the ground
+#    truth boxes in `target`.
