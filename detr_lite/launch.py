@@ -385,7 +385,7 @@ def arrange_coco_layout(
 
 
 def train_args(
-    config: str,
+    config: str | os.PathLike,
     data: str | os.PathLike,
     output: str | os.PathLike,
     *,
@@ -402,7 +402,7 @@ def train_args(
     extra: list[str] | None = None,
 ) -> list[str]:
     """Arguments for ``python -m detr_lite.train`` (everything after the module name)."""
-    args = ["--config", config, "--data", str(data), "--output", str(output)]
+    args = ["--config", str(config), "--data", str(data), "--output", str(output)]
     if epochs is not None:
         args += ["--epochs", str(epochs)]
     if batch_size is not None:
