@@ -233,8 +233,8 @@ fig.tight_layout()
 
 # %% [markdown]
 # **Decoder self-attention of the trained model** on one validation image: the last decoder layer's
-# query-to-query weights (heads averaged). Rows and columns of the queries that detect an object are
-# marked; the slots that fire attend to each other, which is how DETR avoids duplicate detections
+# query-to-query weights (heads averaged). The queries that detect an object (p > 0.7) have red
+# labels; the slots that fire attend to each other, which is how DETR avoids duplicate detections
 # without non-maximum suppression.
 
 # %%
@@ -243,7 +243,7 @@ with capture_attention(model, layers=["transformer.decoder"]) as attn:
     out = model(image[None])
 names = sorted(k for k in attn if k.endswith("self_attn"))
 last = attn[names[-1]][0].mean(0)  # [Q, Q]
-keep = (1 - out["pred_logits"][0].softmax(-1)[:, -1]) > 0.5
+keep = (1 - out["pred_logits"][0].softmax(-1)[:, -1]) > 0.7  # slots that claim an object
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -254,16 +254,19 @@ assert last.shape == (num_q, num_q)
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(6.2, 2.8), dpi=80)
 axes[0].imshow(last, cmap="viridis")
-for qi in torch.nonzero(keep).flatten().tolist():
-    axes[0].axhline(qi, color="red", linewidth=0.6, alpha=0.6)
-    axes[0].axvline(qi, color="red", linewidth=0.6, alpha=0.6)
+axes[0].set_xticks(range(num_q))
+axes[0].set_yticks(range(num_q))
+axes[0].tick_params(labelsize=5)
+for ticks in (axes[0].get_xticklabels(), axes[0].get_yticklabels()):
+    for qi, tick in enumerate(ticks):
+        tick.set_color("red" if keep[qi] else "gray")  # red = the slot detects an object
 axes[0].set_title("trained: last decoder self-attn", fontsize=8)
 axes[0].set_xlabel("key query", fontsize=8)
 axes[0].set_ylabel("query", fontsize=8)
 H_img, W_img = image.shape[-2:]
 scale = torch.tensor([W_img, H_img, W_img, H_img])
 boxes = box_convert(out["pred_boxes"][0][keep] * scale, "cxcywh", "xyxy")
-viz.show_image(image, ax=axes[1], title="queries with p(object) > 0.5")
+viz.show_image(image, ax=axes[1], title="queries with p(object) > 0.7")
 viz.draw_boxes(
     axes[1], boxes, labels=torch.nonzero(keep).flatten(), class_names=[f"q{i}" for i in range(num_q)]
 )
