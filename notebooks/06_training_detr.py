@@ -217,10 +217,11 @@ assert torch.isfinite(loss)
 #
 # Now the package's `train_one_epoch` (the same step plus logging, AMP on GPUs, and a clear stop on a
 # non-finite loss), over a 32-image subset of the training split, for about 35 seconds. Its `log`
-# callback gets one record per iteration. From random weights the first thing DETR learns is that
-# most queries are "no object" (the classification loss drops fast); the box terms improve much
-# more slowly — DETR is famous for needing long training, which is what Deformable DETR (notebook 08)
-# fixes.
+# callback gets one record per iteration. From random weights DETR first learns the cheap
+# statistics of the data: boxes drift towards typical positions and sizes (the L1 term, weighted 5,
+# falls first) and queries lean towards "no object". Learning that one particular query covers one
+# particular object — actual detection — takes far longer: DETR is famous for needing long
+# training, which is what Deformable DETR (notebook 08) fixes.
 
 # %%
 BUDGET_S, MIN_ITERS = 35.0, 16  # stop after ~35 s, but never before 16 iterations (2 epochs)
@@ -386,10 +387,14 @@ plt.show()
 # tiny images), so an image of ~112 × 150 pixels gives a grid of 7 × 10 = 70 tokens.
 #
 # * **Encoder self-attention** (last layer, heads averaged): for a token inside an object, where does
-#   it look? Typically at the rest of the same object — the encoder already separates instances.
+#   it look? For the COCO model the DETR paper shows tokens attending to the rest of their own
+#   object — the encoder already separates instances.
 # * **Decoder cross-attention** (last layer, heads averaged): for each query that detects an object,
-#   where on the feature grid does it read from? Typically the object's extremities, which is where
-#   the box edges are decided.
+#   where on the feature grid does it read from? The paper's COCO model looks at the object's
+#   extremities, where the box edges are decided.
+#
+# Our toy model trained for minutes on a CPU; compare its maps with those descriptions and judge
+# how far it got.
 
 # %%
 b = 0
@@ -460,11 +465,11 @@ plt.show()
 #   `torchvision.transforms.v2`), batched with padding and a True-means-padding mask.
 # * One step is forward → Hungarian matching + set loss → weighted sum over the final and auxiliary
 #   decoder layers → backward → clip at 0.1 → AdamW. A 35-second CPU run shows the loss falling,
-#   mostly through the classification term; boxes take far longer.
+#   first through the box L1 term (typical box sizes and positions); real detection takes far longer.
 # * The shipped checkpoint's recipe, curve and live COCO AP table show what longer training buys; AP
 #   comes from pycocotools on the dataset's own ground truth, exactly as for real COCO.
-# * A trained encoder groups the tokens of one object; a trained decoder query reads the feature grid
-#   around "its" object's extremities.
+# * `capture_attention` exposes every attention map without editing the model: encoder
+#   self-attention per feature cell, decoder cross-attention per query, and the interactive explorer.
 #
 # ## Exercises
 #
