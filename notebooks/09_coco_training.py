@@ -47,7 +47,7 @@ NUM_WORKERS = 8  # DataLoader workers per GPU
 PRETRAINED_BACKBONE = True  # ImageNet ResNet (needs the torchvision weights in the torch cache offline)
 OUTPUT_DIR = "runs/coco_" + ARCH
 DOWNLOAD = False  # opt-in: fetch + verify + unzip COCO 2017 into COCO_ROOT (~19 GB)
-OFFICIAL_CHECKPOINT = None  # e.g. "detr-r50-e632da11.pth" to evaluate the published weights
+OFFICIAL_CHECKPOINT = None  # the model-zoo file of ARCH, e.g. "detr-r50-e632da11.pth", to evaluate it
 SMOKE = True  # CI / CPU: tiny fixture, 2 iterations; set False for the real run
 
 # %%
@@ -248,7 +248,12 @@ if SMOKE:  # the smoke run takes seconds: wait for it here (a real run is follow
 # throughput; interrupt the cell to stop *watching* (the job keeps going).
 
 # %%
-n_train = len(json.loads((COCO_ROOT / "annotations" / "instances_train2017.json").read_text())["images"])
+# train2017 has 118,287 images (no need to parse its 450 MB annotation file in the kernel for that)
+n_train = (
+    118_287
+    if not SMOKE
+    else len(json.loads((COCO_ROOT / "annotations/instances_train2017.json").read_text())["images"])
+)
 launch.follow(OUTPUT_DIR, every_s=60, epochs=epochs, train_images=n_train)
 
 # %%
@@ -364,7 +369,7 @@ print("python -m detr_lite.evaluate --checkpoint detr-r50-e632da11.pth --officia
 if SMOKE or OFFICIAL_CHECKPOINT is None:
     print("skipped (gpu cell): set SMOKE = False and OFFICIAL_CHECKPOINT to a downloaded model-zoo file")
 else:
-    official_arch = ARCH if ARCH in launch.PAPER_AP else "detr_r50"
+    official_arch = ARCH  # the model-zoo file of the same architecture
     subprocess.run(
         [sys.executable, "-m", "detr_lite.evaluate", "--checkpoint", OFFICIAL_CHECKPOINT, "--official-arch",
          official_arch, "--data", str(COCO_ROOT), "--batch-size", "2", "--num-workers", str(NUM_WORKERS)],
