@@ -278,6 +278,29 @@ def _model_strides(model: torch.nn.Module) -> tuple[int, ...]:
     return (int(own[-1]),) + (32, 16, 8, 64) if own else (32, 16, 8, 64)
 
 
+def attention_mass_in_boxes(
+    maps: torch.Tensor, boxes_xyxy: torch.Tensor, stride: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much of each attention map falls on "its" box, and what uniform attention would give.
+
+    ``maps`` ``[n, h, w]`` (each summing to 1) live on a feature grid of the given ``stride``;
+    ``boxes_xyxy`` ``[n, 4]`` are absolute pixels. A cell counts as inside when its centre
+    ``((j + 0.5) * stride, (i + 0.5) * stride)`` lies in the box. Returns ``(mass [n], share [n])``:
+    the attention on inside cells and the fraction of cells inside (the uniform baseline).
+    """
+    if maps.dim() != 3 or boxes_xyxy.shape != (maps.shape[0], 4):
+        raise ValueError(
+            f"attention_mass_in_boxes: expected maps [n, h, w] and boxes [n, 4], "
+            f"got {tuple(maps.shape)} and {tuple(boxes_xyxy.shape)}"
+        )
+    h, w = maps.shape[-2:]
+    ys = ((torch.arange(h, dtype=torch.float32) + 0.5) * stride)[None, :, None]
+    xs = ((torch.arange(w, dtype=torch.float32) + 0.5) * stride)[None, None, :]
+    x0, y0, x1, y1 = (c.float()[:, None, None] for c in boxes_xyxy.unbind(-1))
+    inside = (ys >= y0) & (ys <= y1) & (xs >= x0) & (xs <= x1)  # [n, h, w]
+    return (maps * inside).sum((1, 2)), inside.float().mean((1, 2))
+
+
 @torch.no_grad()
 def encoder_attention(
     model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor | None = None, layer: int = -1

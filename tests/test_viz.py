@@ -152,3 +152,14 @@ def test_attention_explorer_draws_the_cell_under_the_point():
     assert shown.shape == (64, 96)
     expected = viz._upsample(box.attention[1, 2], (64, 96))
     np.testing.assert_allclose(np.asarray(shown), expected, atol=1e-6)
+
+
+def test_attention_mass_in_boxes_counts_cell_centres():
+    maps = torch.zeros(2, 4, 4)
+    maps[0, 0, 0] = 1.0  # all attention on the top-left cell (centre (8, 8) at stride 16)
+    maps[1] = 1 / 16  # uniform
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [0.0, 0.0, 32.0, 64.0]])
+    mass, share = viz.attention_mass_in_boxes(maps, boxes, stride=16)
+    assert mass.tolist() == [1.0, 0.5] and share.tolist() == [1 / 16, 0.5]
+    with pytest.raises(ValueError, match="boxes"):
+        viz.attention_mass_in_boxes(maps, boxes[:1], stride=16)
