@@ -34,6 +34,7 @@ import math
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_convert
 
 from detr_lite import viz
 from detr_lite.checkpoint import load_checkpoint
@@ -342,12 +343,14 @@ assert attn["transformer.encoder.layers.2.self_attn"].shape == (1, 8, grid[0] * 
 # We pick the feature cells under the centres of the image's objects and show, for each, the
 # last encoder layer's attention (heads averaged), upsampled and laid over the image (bright = high
 # weight; the dot marks the asking cell): `viz.encoder_attention` reshapes the captured `[HW, HW]`
-# weights into `[h, w, h, w]`.
+# weights into `[h, w, h, w]`. So that we do not only eyeball, `viz.attention_mass_in_boxes` measures
+# how much of each map falls on the object's own box, next to what uniform attention would put there.
 
 # %%
 boxes = target["boxes"] * torch.tensor([W_img, H_img, W_img, H_img])  # normalised cxcywh -> pixels
 centres = [(float(cx), float(cy)) for cx, cy, _, _ in boxes]
 names = [SHAPE_CLASSES[int(lab) - 1] for lab in target["labels"]]
+boxes_xyxy = box_convert(boxes, "cxcywh", "xyxy")
 
 
 def attention_at_points(model, image, points):
@@ -362,6 +365,13 @@ maps = attention_at_points(model, image, centres)
 fig = viz.show_attention_maps(
     image, maps, points=centres, titles=[f"untrained: {n}" for n in names], overlay=True
 )
+on_box, uniform = viz.attention_mass_in_boxes(maps, boxes_xyxy, model.backbone.strides[-1])
+print(
+    "untrained: attention on own box",
+    [round(v, 2) for v in on_box.tolist()],
+    "| uniform would give",
+    [round(v, 2) for v in uniform.tolist()],
+)
 
 # %% [markdown]
 # Untrained, the maps have nothing to do with the objects, and they hardly depend on which cell is
@@ -374,6 +384,13 @@ trained, trained_cfg, ckpt = load_checkpoint("../data/checkpoints/detr_shapes.pt
 maps = attention_at_points(trained, image, centres)
 fig = viz.show_attention_maps(
     image, maps, points=centres, titles=[f"trained: {n}" for n in names], overlay=True
+)
+on_box, uniform = viz.attention_mass_in_boxes(maps, boxes_xyxy, trained.backbone.strides[-1])
+print(
+    "trained:   attention on own box",
+    [round(v, 2) for v in on_box.tolist()],
+    "| uniform would give",
+    [round(v, 2) for v in uniform.tolist()],
 )
 
 # %% [markdown]

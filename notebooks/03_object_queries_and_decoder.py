@@ -185,12 +185,14 @@ for i, lyr in enumerate(decoder.layers):
 model, cfg, ckpt = load_checkpoint("../data/checkpoints/detr_shapes.pt")
 val = build_dataset("../data/shapes", "val2017", cfg.data, train=False)
 loader = DataLoader(Subset(val, range(60)), batch_size=20, collate_fn=collate_fn)
-preds = []
-for images, masks, _ in loader:
+preds, gt_boxes = [], []
+for images, masks, targets in loader:
     out = model(images, masks)
     prob = out["pred_logits"].softmax(-1)
     preds.append(torch.cat([out["pred_boxes"], 1 - prob[..., -1:]], dim=-1))  # cx, cy, w, h, p(object)
+    gt_boxes += [t["boxes"] for t in targets]
 preds = torch.cat(preds)  # [num_images, num_queries, 5]
+gt_boxes = torch.cat(gt_boxes)  # every ground-truth box, normalised cxcywh
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -230,6 +232,18 @@ for qi, ax in enumerate(axes.flat):
     ax.set_yticks([])
     ax.set_title(f"query {qi}", fontsize=7)
 fig.tight_layout()
+
+# %% [markdown]
+# How much does a query's box move from image to image? If the queries had only memorised "where
+# objects usually are", their centres would barely move; a detector's centres move as much as the
+# objects do. We compare the spread (standard deviation) of each query's predicted centres with the
+# spread of the true object centres.
+
+# %%
+query_spread = preds[..., :2].std(dim=0).mean(-1)  # per query: std of its centre over the images
+object_spread = gt_boxes[:, :2].std(dim=0).mean()
+print("std of each query's centre:", [round(v, 3) for v in query_spread.tolist()])
+print(f"std of the object centres : {object_spread:.3f}")
 
 # %% [markdown]
 # **Decoder self-attention of the trained model** on one validation image: the last decoder layer's

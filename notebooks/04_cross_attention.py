@@ -300,6 +300,13 @@ for idx in (3, 7):
     image, target = val[idx]
     maps, boxes, titles = query_attention(model, image, top=6, threshold=0.7)
     fig = viz.show_attention_maps(image, maps, boxes=boxes, titles=titles)
+    on_box, uniform = viz.attention_mass_in_boxes(maps, boxes, model.backbone.strides[-1])
+    print(
+        f"image {idx}: attention on own box",
+        [round(v, 2) for v in on_box.tolist()],
+        "| uniform",
+        [round(v, 2) for v in uniform.tolist()],
+    )
 
 # %% [markdown]
 # ## Summary
