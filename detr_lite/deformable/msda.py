@@ -32,6 +32,7 @@ loop, against each other, against the official pure-PyTorch function, and with `
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +182,25 @@ def _chunk_rows(num_rows: int, k: int, d: int, device: torch.device) -> int:
     return max(1, min(num_rows, budget // max(1, k * d)))
 
 
+def _backward_rows(table, idx, weights, go, grad_table, grad_w, lo: int, hi: int, step: int) -> None:
+    """Rows ``lo:hi`` of the backward, in cache-sized chunks: scatter ``weight * grad`` into
+    ``grad_table`` (if given) and ``grad_w[r, k] = <grad[r], table[idx[r, k]]>`` (if given)."""
+    k, d = idx.shape[1], table.shape[1]
+    # one reusable chunk buffer (fresh multi-MB allocations per chunk would dominate on CPU)
+    buf_all = torch.empty(min(step, hi - lo), k, d, device=table.device, dtype=table.dtype)
+    for s in range(lo, hi, step):
+        e = min(hi, s + step)
+        idx_c = idx[s:e].reshape(-1).long()  # int64: index_add_ takes its fast scatter path
+        buf = buf_all[: e - s]
+        if grad_table is not None:  # d out / d table[row] = sum of weight * grad over samples reading it
+            torch.mul(weights[s:e, :, None], go[s:e, None, :], out=buf)
+            grad_table.index_add_(0, idx_c, buf.view(-1, d))
+        if grad_w is not None:  # d out / d weight = <grad, the row it multiplied>
+            torch.index_select(table, 0, idx_c, out=buf.view(-1, d))
+            buf.mul_(go[s:e, None, :])
+            torch.sum(buf, dim=-1, out=grad_w[s:e])
+
+
 class _MSDeformAttnFunction(torch.autograd.Function):
     """Fast MSDA core with a memory-light, hand-written backward (see module docstring).
 
@@ -238,19 +258,27 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         need_w = need_loc or need_attn
         grad_w = torch.empty(rows, k, device=table.device, dtype=table.dtype) if need_w else None
         step = _chunk_rows(rows, k, d, table.device)
-        # one reusable chunk buffer (fresh multi-MB allocations per chunk would dominate on CPU)
-        buf_all = torch.empty(step, k, d, device=table.device, dtype=table.dtype)
-        for s in range(0, rows, step):
-            e = min(rows, s + step)
-            idx_c = idx[s:e].reshape(-1).long()  # int64: index_add_ takes its fast scatter path
-            buf = buf_all[: e - s]
-            if need_v:  # d out / d table[row] = sum of weight * grad over every sample reading that row
-                torch.mul(weights[s:e, :, None], go[s:e, None, :], out=buf)
-                grad_table.index_add_(0, idx_c, buf.view(-1, d))
-            if need_w:  # d out / d weight = <grad, the row it multiplied>
-                torch.index_select(table, 0, idx_c, out=buf.view(-1, d))
-                buf.mul_(go[s:e, None, :])
-                torch.sum(buf, dim=-1, out=grad_w[s:e])
+        workers = min(torch.get_num_threads(), n) if table.device.type == "cpu" else 1
+        if workers <= 1:
+            _backward_rows(table, idx, weights, go, grad_table, grad_w, 0, rows, step)
+        else:
+            # ATen's CPU scatter (index_add_) slows down with several OpenMP threads on cache-sized
+            # chunks (and collapses on a busy machine). Instead: one single-threaded loop per Python
+            # thread, each over whole images, whose table rows (and gradients) are disjoint.
+            per_image = rows // n
+            edges = [round(i * n / workers) * per_image for i in range(workers + 1)]
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(workers) as pool:
+                    jobs = [
+                        pool.submit(_backward_rows, table, idx, weights, go, grad_table, grad_w, lo, hi, step)
+                        for lo, hi in zip(edges[:-1], edges[1:])
+                    ]
+                    for job in jobs:
+                        job.result()
+            finally:
+                torch.set_num_threads(threads)
 
         grad_value = grad_loc = grad_attn = None
         if need_v:
