@@ -373,8 +373,8 @@ assert torch.allclose(outputs["pred_boxes"], boxes_by_hand, atol=1e-5)
 assert outputs["pred_logits"].shape == (B, Q, mcfg.num_classes)
 
 # %% [markdown]
-# Where the reference points start (white dots, identical for every image), where each confident
-# query's box centre ends up (arrow), and that box:
+# Where the reference points start (white dots, identical for every image) and, for the three most
+# confident queries of each image, where the box centre ends up (arrow) and the box:
 
 # %%
 probs = outputs["pred_logits"].sigmoid()
@@ -385,8 +385,7 @@ for b, ax in enumerate(axes):
     h, w = targets[b]["size"].tolist()
     to_padded = torch.tensor([w / W, h / H])  # references and boxes are relative to the valid image
     ax.scatter(*(init_ref * to_padded).T, s=8, c="white", edgecolors="black", linewidths=0.3)
-    keep = (score[b] > 0.5).nonzero().flatten().tolist()
-    for q in keep:
+    for q in score[b].topk(3).indices.tolist():
         color = viz.COLORS[q % len(viz.COLORS)]
         r = init_ref[q] * to_padded
         cx, cy, bw, bh = (outputs["pred_boxes"][b, q] * to_padded.repeat(2)).tolist()
@@ -412,8 +411,8 @@ assert (max(ref_shift) > 1e-6) == model.with_box_refine
 # ## 6. The trained model's detections and where each query looked
 #
 # `PostProcess` keeps the best (query, class) pairs over all `Q × K` sigmoid scores (a query may
-# appear with several classes). For every detection above 0.5 we also draw the sampling points of
-# its query in the **last decoder layer's** cross-attention: colour = head, marker = level
+# appear with several classes). For the three most confident *queries* of each image (each with its
+# best class) we draw the query's sampling points in the **last decoder layer's** cross-attention: colour = head, marker = level
 # (○ stride 8, □ 16, △ 32, ◇ 64), size = attention weight. A forward hook records the inputs of that
 # `MSDeformAttn`; calling it again with `return_sampling=True` returns the locations and weights.
 
@@ -445,11 +444,11 @@ assert torch.allclose(attention_weights.sum((-1, -2)), torch.ones(B, Q, M), atol
 # %%
 for b in range(B):
     h, w = targets[b]["size"].tolist()
-    keep = (results[b]["scores"] > 0.5).nonzero().flatten()[:4]
-    flat = torch.topk(probs[b].flatten(), len(keep)).indices  # same order as PostProcess
-    queries = (flat // mcfg.num_classes).tolist()
-    fig, axes = plt.subplots(1, len(keep) + 1, figsize=(2.3 * (len(keep) + 1), 2.4), dpi=80)
-    axes = np.atleast_1d(axes)
+    top_scores, queries = score[b].topk(3)  # each query's best class, the three best queries
+    assert torch.isclose(
+        top_scores[0], results[b]["scores"][0]
+    )  # PostProcess's best pair is the best query's
+    fig, axes = plt.subplots(1, 4, figsize=(9.2, 2.4), dpi=80)
     gt = box_convert(targets[b]["boxes"], "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
     viz.show_boxes(
         images[b, :, :h, :w],
@@ -459,8 +458,8 @@ for b in range(B):
         ax=axes[0],
         title=f"image {b}: ground truth",
     )
-    for ax, k, q in zip(axes[1:], keep.tolist(), queries):
-        lab, sc = int(results[b]["labels"][k]), float(results[b]["scores"][k])
+    for ax, q in zip(axes[1:], queries.tolist()):
+        lab, sc = int(label[b, q]), float(score[b, q])
         viz.show_sampling_points(
             viz.denormalize(images[b]),
             sampling_locations[b, q],
@@ -468,7 +467,8 @@ for b in range(B):
             ax=ax,
             title=f"query {q}: {class_names.get(lab, lab)} {sc:.2f}",
         )
-        x0, y0, x1, y1 = (results[b]["boxes"][k] / torch.tensor([W, H, W, H])).tolist()
+        box = box_convert(outputs["pred_boxes"][b, q], "cxcywh", "xyxy")  # relative to the valid image
+        x0, y0, x1, y1 = (box * torch.tensor([w / W, h / H, w / W, h / H])).tolist()  # -> padded map
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", lw=1.2))
     fig.tight_layout()
 
@@ -533,20 +533,48 @@ else:
     )
 verdict = "HOLDS" if first is not None and first <= budget else "DOES NOT HOLD"
 print(f"Claim 'reaches DETR's final AP within 1/3 of its epochs (<= {budget} of {n_detr})': {verdict}")
-time_cols = [k for k in ("train_time_s", "epoch_time_s") if all(k in r for r in detr_rows + def_rows)]
-if time_cols:
-    k = time_cols[0]
+if all("train_time_s" in r for r in detr_rows + def_rows):  # epochs are not equally expensive
+    detr_minutes = sum(r["train_time_s"] for r in detr_rows) / 60
+    def_minutes = np.cumsum([r["train_time_s"] for r in def_rows]) / 60
     print(
-        f"mean training time per epoch ({k}): DETR {np.mean([r[k] for r in detr_rows]):.0f} s, "
-        f"Deformable DETR {np.mean([r[k] for r in def_rows]):.0f} s"
+        f"training time per epoch on this CPU: DETR {detr_minutes * 60 / n_detr:.0f} s, "
+        f"Deformable DETR {def_minutes[-1] * 60 / len(def_rows):.0f} s"
+    )
+    if first is not None:
+        print(
+            f"wall clock: Deformable DETR got there after {def_minutes[first - 1]:.0f} min of training, "
+            f"DETR trained {detr_minutes:.0f} min in total"
+        )
+if detr_final < 0.05:
+    print(
+        f"caveat: DETR's final AP {detr_final:.3f} means it is still on its from-scratch plateau (see "
+        "data/checkpoints/detr_shapes.md), so the check mostly measures how slowly DETR starts."
     )
 
 # %% [markdown]
-# Read the numbers above, not the paper: on this tiny synthetic set both models are small, trained
-# from scratch on a CPU for a few minutes, and one run each, so the comparison is noisy. What the chart
-# does show is the mechanism the paper describes: the deformable model starts from a sensible
-# sampling pattern and reaches useful AP within the first epochs, and the multi-scale levels matter
-# for the small objects (APs).
+# What "plateau" means can be measured directly: on 16 validation images, how much does each query's
+# predicted box move from image to image? A model on the plateau predicts (almost) the same boxes for
+# every image; a model that has started to look at the image does not.
+
+# %%
+detr_model, detr_cfg, _ = load_checkpoint(CKPT_DIR / "detr_shapes.pt")
+for name, net, data_cfg in [("DETR", detr_model, detr_cfg.data), ("Deformable DETR", model, cfg.data)]:
+    val_n = build_dataset(DATA, "val2017", data_cfg, train=False)
+    imgs, msk, _ = collate_fn([val_n[i] for i in range(16)])
+    boxes = net(imgs, msk)["pred_boxes"]  # [16, Q, 4]
+    print(
+        f"{name:16s} box std across images {float(boxes.std(0).mean()):.3f}, "
+        f"across queries {float(boxes.std(1).mean()):.3f}"
+    )
+
+# %% [markdown]
+# Read the printed numbers, not the paper: both toy models are small, trained from scratch (no
+# ImageNet weights offline) on a shared 2-core CPU, one run each, and on a few hundred synthetic
+# images. With such budgets DETR typically sits on a plateau where every image gets the same boxes
+# (its authors report needing hundreds of epochs; see `data/checkpoints/detr_shapes.md`), while the
+# deformable model, whose queries start out sampling a local neighbourhood at four scales, begins to
+# separate objects within the first epochs. Neither is a good detector at these budgets; the chart
+# shows the difference in how fast they start, which is the effect the paper is about.
 
 # %%
 print(f"notebook ran in {time.perf_counter() - notebook_start:.0f} s")
