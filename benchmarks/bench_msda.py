@@ -11,6 +11,10 @@ Times are the median of ``--repeats`` forward+backward passes after one warm-up 
     python benchmarks/bench_msda.py                # CPU, 2 threads (the project's reference machine)
     python benchmarks/bench_msda.py --threads 1 --repeats 7
     python benchmarks/bench_msda.py --device cuda  # peak = torch.cuda.max_memory_allocated
+
+Measured on the project's 2-core CPU (quiet moment, torch 2.x): reference 248 / 628 ms (forward /
+forward+backward, 540 MiB peak), fast 63 / 328 ms (202 MiB): 1.9x faster, 2.7x less memory; with
+1 thread 1.65x. On a busy machine both slow down, the hand-written backward's many small ops more.
 """
 
 from __future__ import annotations
