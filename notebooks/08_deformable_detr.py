@@ -505,6 +505,7 @@ for ax, key in zip(axes, ["AP", "APs"]):
         f"{key} (COCO {'all areas' if key == 'AP' else 'small objects'}) on data/shapes val", fontsize=8
     )
     ax.tick_params(labelsize=7)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.legend(fontsize=7)
 detr_epochs, detr_rows = curves["DETR"]
 axes[0].axhline(detr_rows[-1]["AP"], color="gray", linestyle=":", linewidth=1)
