@@ -18,12 +18,13 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 ## Main job: train the toy DETR on the bundled data, then evaluate it (COCO AP table).
-## Quick run: make train TRAIN_ARGS="--epochs 2"   (any python -m detr_lite.train option works)
+## Quick run: make train TRAIN_ARGS="--epochs 2"  (any python -m detr_lite.train option; output dir: TRAIN_OUT=...)
+TRAIN_OUT ?= runs/detr-shapes
 TRAIN_ARGS ?=
 train: $(STAMP)
-	$(PY) -m detr_lite.train --config detr-shapes --output runs/detr-shapes $(TRAIN_ARGS)
-	$(PY) -m detr_lite.evaluate --checkpoint runs/detr-shapes/checkpoint.pt --json runs/detr-shapes/eval.json
-	@echo "plots: runs/detr-shapes/loss.png  checkpoint: runs/detr-shapes/checkpoint.pt  metrics: runs/detr-shapes/eval.json"
+	$(PY) -m detr_lite.train --config detr-shapes --output $(TRAIN_OUT) $(TRAIN_ARGS)
+	$(PY) -m detr_lite.evaluate --checkpoint $(TRAIN_OUT)/checkpoint.pt --json $(TRAIN_OUT)/eval.json --no-progress
+	@echo "plots: $(TRAIN_OUT)/loss.png  checkpoint: $(TRAIN_OUT)/checkpoint.pt  metrics: $(TRAIN_OUT)/eval.json"
 
 ## Full test suite: lint, unit/parity/CLI tests, notebook pairing check, every notebook under nbval.
 test: $(STAMP) lint sync-check unit nbval
