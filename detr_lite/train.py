@@ -209,8 +209,15 @@ def build_loaders(cfg: Config):
     batches = EpochSeededBatches(ds_train, cfg.train.batch_size, cfg.train.seed)
     loader_gen = torch.Generator()
     workers = cfg.data.num_workers
+    # page-locked host memory lets the host->GPU copies (non_blocking=True in the engine) overlap compute
+    pin = torch.cuda.is_available()
     train_loader = DataLoader(
-        ds_train, batch_sampler=batches, collate_fn=collate_fn, num_workers=workers, generator=loader_gen
+        ds_train,
+        batch_sampler=batches,
+        collate_fn=collate_fn,
+        num_workers=workers,
+        generator=loader_gen,
+        pin_memory=pin,
     )
     val_sampler = DistributedSampler(ds_val, shuffle=False) if D.is_dist() else SequentialSampler(ds_val)
     val_loader = DataLoader(
@@ -219,6 +226,7 @@ def build_loaders(cfg: Config):
         sampler=val_sampler,
         collate_fn=collate_fn,
         num_workers=workers,
+        pin_memory=pin,
     )
     return ds_train, ds_val, train_loader, val_loader, batches, loader_gen
 
