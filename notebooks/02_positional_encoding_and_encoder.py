@@ -374,10 +374,14 @@ print(
 )
 
 # %% [markdown]
-# Untrained, the maps have nothing to do with the objects, and they hardly depend on which cell is
-# asking: random projections produce one arbitrary pattern. The **trained** toy DETR (shipped in `data/checkpoints/detr_shapes.pt`, trained on
-# the bundled shapes) is a different story: a cell on an object attends to that object's extent and
-# to its edges, which is the grouping the decoder later relies on to read off boxes.
+# Untrained, the maps have nothing to do with the objects, they hardly depend on which cell is
+# asking, and the share of attention on each object's box is what uniform attention would give.
+#
+# Now the **trained** toy DETR, `data/checkpoints/detr_shapes.pt`. Read its card
+# (`data/checkpoints/detr_shapes.md`) first: 20 short epochs on two CPU cores, from a random
+# backbone, leave it on DETR's well-known from-scratch plateau (val AP ≈ 0.01) where it predicts
+# nearly the same boxes for every image. Its encoder attention shows what that plateau looks like
+# from the inside.
 
 # %%
 trained, trained_cfg, ckpt = load_checkpoint("../data/checkpoints/detr_shapes.pt")
@@ -394,6 +398,15 @@ print(
 )
 
 # %% [markdown]
+# Training has changed the maps: attention is no longer arbitrary, and the big objects get more of it
+# than uniform attention would give them. But every cell, whichever object it sits on, attends to
+# (nearly) the same place, the large high-contrast shape; the small objects get nothing. A converged
+# DETR groups *per object*: a cell on an object attends to that object's own extent (Fig. 3 of the DETR
+# paper). Dense attention starts spread over all HW keys and needs very long training to focus
+# (DETR trains 500 epochs on COCO); that slow convergence is exactly what Deformable DETR
+# (notebooks 07 and 08) attacks by attending to a few sampled points only.
+
+# %% [markdown]
 # ## Summary
 #
 # * Attention is order-blind, so DETR **adds a positional encoding** to the queries and keys (not to
@@ -406,8 +419,9 @@ print(
 # * The **key padding mask** sets padded keys' scores to −∞: they get weight exactly 0 and nothing
 #   written in padding reaches real tokens.
 # * Our from-primitives versions equal `PositionEmbeddingSine` and `TransformerEncoderLayer`.
-# * `capture_attention` records every attention map without hooks; trained encoder attention groups
-#   the cells of an object.
+# * `capture_attention` records every attention map without hooks. Our toy DETR, stuck on the
+#   from-scratch plateau, attends to the same salient shape from every cell: measured, not eyeballed,
+#   with `viz.attention_mass_in_boxes`.
 #
 # ## Exercises
 #
@@ -419,3 +433,5 @@ print(
 #    only the last 16. Which ones carry coarse and which fine position?
 # 4. Show each of the 8 heads of the trained model's last encoder layer separately for one point.
 #    Do different heads look at different things?
+# 5. In Jupyter, run `viz.attention_explorer(trained, image)` and move the point over the image. How
+#    much does the map change? Try the same with `model` (untrained).
