@@ -38,7 +38,6 @@ from torchvision.ops import box_convert
 
 from detr_lite import viz
 from detr_lite.checkpoint import load_checkpoint
-from detr_lite.config import get_config
 from detr_lite.data.coco import build_dataset, collate_fn
 from detr_lite.transformer import TransformerDecoder, TransformerDecoderLayer, capture_attention
 

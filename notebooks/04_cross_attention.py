@@ -32,7 +32,6 @@
 # %matplotlib inline
 import math
 
-import matplotlib.pyplot as plt
 import skimage.data
 import torch
 import torch.nn.functional as F
@@ -105,7 +104,7 @@ def multi_head_attention(query, key, value, attn, nhead, key_padding_mask=None):
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     weights = scores.softmax(dim=-1)
     out = (weights @ v).transpose(1, 2).reshape(Bn, Lq, dm)
-    return attn.out_proj(out), weights
+    return out @ attn.out_proj.weight.T + attn.out_proj.bias, weights
 
 
 layer = TransformerDecoderLayer(d_model=d, nhead=nhead, dim_feedforward=2048, dropout=0.1).eval()
@@ -207,9 +206,10 @@ print("class logits, all layers:", tuple(logits.shape), " boxes, all layers:", t
 assert torch.allclose(logits[-1], outputs["pred_logits"], atol=1e-4) and torch.allclose(
     boxes[-1], outputs["pred_boxes"], atol=1e-5
 )
-assert all(
-    torch.allclose(boxes[i], aux["pred_boxes"], atol=1e-5) for i, aux in enumerate(outputs["aux_outputs"])
-)
+for i, aux in enumerate(outputs["aux_outputs"]):  # layers 1..5 feed the auxiliary losses
+    assert torch.allclose(logits[i], aux["pred_logits"], atol=1e-4) and torch.allclose(
+        boxes[i], aux["pred_boxes"], atol=1e-5
+    )
 
 # %% [markdown]
 # `PostProcess` turns the raw outputs into detections: softmax, drop "no object", best class per
