@@ -178,9 +178,9 @@ for i, lyr in enumerate(decoder.layers):
 #
 # The toy model shipped with the package (`data/checkpoints/detr_shapes.pt`, preset `detr-shapes`;
 # read its card `detr_shapes.md`: after 20 short CPU epochs from a random backbone it sits on DETR's
-# from-scratch plateau, val AP ≈ 0.01) has 20
-# queries of width 128 and 3 decoder layers. We run it over the first 60 bundled validation images
-# (all 150 give the same picture, only denser; 60 keep this notebook fast on a laptop CPU).
+# from-scratch plateau, val AP ≈ 0.01) has 20 queries of width 128 and 3 decoder layers. We run it
+# over the first 60 bundled validation images (all 150 give the same picture, only denser; 60 keep
+# this notebook fast on a laptop CPU).
 
 # %%
 model, cfg, ckpt = load_checkpoint("../data/checkpoints/detr_shapes.pt")
@@ -202,8 +202,8 @@ num_q = cfg.model.num_queries
 assert preds.shape == (60, num_q, 5)
 
 # %% [markdown]
-# **Query slots.** As in Fig. 7 of the DETR paper: for every query, the centres of its boxes over all
-# validation images, coloured by the box: green = small, red = large and wide, blue = large and tall
+# **Query slots.** As in Fig. 7 of the DETR paper: for every query, the centres of its boxes over
+# these validation images (normalised coordinates), coloured by the box: green = small, red = large and wide, blue = large and tall
 # (faint where the query predicts "no object"). In the paper's converged COCO model each slot's dots
 # cover a region, and every slot can also predict image-wide boxes.
 
