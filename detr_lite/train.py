@@ -329,6 +329,12 @@ def run(args: argparse.Namespace) -> int:
         validate_coco_folder(cfg.data.root, split)
     if resume_ckpt is None:
         resolve_num_classes(cfg, args.num_classes)
+    if cfg.model.pretrained_backbone and resume_ckpt is None and not args.finetune:
+        # a run that asked for ImageNet weights must not silently train from a random backbone:
+        # a one-line error naming the cache path (or --no-pretrained-backbone) before anything heavy
+        from detr_lite.launch import ensure_pretrained_backbone
+
+        ensure_pretrained_backbone(cfg.model.backbone)
 
     distributed = D.init_distributed(device_name)
     rank, main = D.get_rank(), D.is_main_process()

@@ -359,3 +359,36 @@ def test_evaluate_official_model_zoo_file(tmp_path, tiny_data, capsys):
     assert metrics["official_arch"] == "detr_r50" and metrics["num_detections"] == 100
     assert evaluate.main(["--checkpoint", str(path), "--official-arch", "detr_r50"]) == 2
     assert "--official-arch needs --data" in capsys.readouterr().err
+
+
+def test_pretrained_backbone_missing_offline_is_one_line_error(tmp_path, monkeypatch, capsys):
+    """Asking for ImageNet weights that are neither cached nor downloadable stops the run before any
+    model is built, naming the cache path; --no-pretrained-backbone is the explicit way out."""
+    import torch.hub
+
+    from detr_lite import train
+
+    root = make_tiny_coco(tmp_path / "coco", n_train=2, n_val=2)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    built = []
+    monkeypatch.setattr("detr_lite.models.build_model", lambda cfg: built.append(cfg))
+    rc = train.main(
+        [
+            "--config",
+            "detr-shapes",
+            "--data",
+            str(root),
+            "--output",
+            str(tmp_path / "out"),
+            "--pretrained-backbone",
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc != 0 and not built
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in err and "--no-pretrained-backbone" in err
