@@ -44,6 +44,7 @@ from detr_lite.data.coco import collate_fn
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)  # this notebook only runs forward passes
+plt.rcParams["figure.dpi"] = 80  # small figures keep the executed notebook small
 
 # %% [markdown]
 # ## 1. A real photograph, ImageNet-normalised
@@ -64,10 +65,12 @@ H0, W0 = cat.shape[-2:]
 print("image:", tuple(cat.shape), " (3 x H0 x W0)")
 assert cat.shape == (3, 300, 451)
 # normalisation is invertible: viz.denormalize gives back the [0, 1] picture
-assert torch.allclose(torch.from_numpy(viz.denormalize(cat)).permute(2, 0, 1), to_tensor(cat_uint8), atol=1e-6)
+assert torch.allclose(
+    torch.from_numpy(viz.denormalize(cat)).permute(2, 0, 1), to_tensor(cat_uint8), atol=1e-6
+)
 
 # %%
-viz.show_image(cat, title=f"input 3x{H0}x{W0} (de-normalised for display)");
+ax = viz.show_image(cat, title=f"input 3x{H0}x{W0} (de-normalised for display)")
 
 # %% [markdown]
 # ## 2. ResNet-50, layer by layer
@@ -96,7 +99,12 @@ x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))
 print(f"stem   {tuple(x.shape)}  stride 4")
 assert x.shape == (1, 64, math.ceil(H0 / 4), math.ceil(W0 / 4))
 stages = {}
-for name, channels, stride in [("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16), ("layer4", 2048, 32)]:
+for name, channels, stride in [
+    ("layer1", 256, 4),
+    ("layer2", 512, 8),
+    ("layer3", 1024, 16),
+    ("layer4", 2048, 32),
+]:
     x = getattr(resnet, name)(x)
     stages[name] = x
     print(f"{name} {tuple(x.shape)}  stride {stride}")
@@ -131,7 +139,9 @@ for ax, c in zip(axes[1:], [0, 100, 500, 2000]):
 d = 256
 input_proj = torch.nn.Conv2d(C, d, kernel_size=1)
 z0 = input_proj(feature_map)  # [1, d, H, W]
-by_hand = torch.einsum("dc,bchw->bdhw", input_proj.weight[:, :, 0, 0], feature_map) + input_proj.bias.view(1, d, 1, 1)
+by_hand = torch.einsum("dc,bchw->bdhw", input_proj.weight[:, :, 0, 0], feature_map) + input_proj.bias.view(
+    1, d, 1, 1
+)
 assert torch.allclose(z0, by_hand, atol=1e-4)
 
 # %%
@@ -225,7 +235,7 @@ assert feat_mask.flatten(1).sum(1).tolist() == [0, 150 - 9 * 9]
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(5, 1.8), dpi=80)
 viz.show_mask(mask[1], ax=axes[0], title="image-level mask 300x451")
-viz.show_mask(feat_mask[1], ax=axes[1], title="feature-level mask 10x15");
+ax = viz.show_mask(feat_mask[1], ax=axes[1], title="feature-level mask 10x15")
 
 # %% [markdown]
 # The flattened mask `[B, HW]` is what the transformer later receives as `key_padding_mask`.
@@ -245,7 +255,9 @@ assert key_padding_mask.shape == (2, 150)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-resnet_dc5 = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, False, True]).eval()
+resnet_dc5 = torchvision.models.resnet50(
+    weights=None, replace_stride_with_dilation=[False, False, True]
+).eval()
 body_dc5 = create_feature_extractor(resnet_dc5, {"layer4": "out"})
 feat_dc5 = body_dc5(cat[None])["out"]
 print("DC5 feature map:", tuple(feat_dc5.shape), " stride 16")
@@ -262,7 +274,9 @@ assert feat_dc5.shape == (1, 2048, math.ceil(H0 / 16), math.ceil(W0 / 16)) == (1
 # %%
 cfg = ModelConfig(backbone="resnet50", frozen_bn=True)
 backbone = build_backbone(cfg).eval()
-weights = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.") and "num_batches_tracked" not in k}
+weights = {
+    k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.") and "num_batches_tracked" not in k
+}
 backbone.body.load_state_dict(weights)  # strict: every name matches torchvision's
 
 # %%

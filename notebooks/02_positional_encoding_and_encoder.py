@@ -46,7 +46,8 @@ from detr_lite.position_encoding import PositionEmbeddingSine
 from detr_lite.transformer import TransformerEncoderLayer, capture_attention
 
 torch.manual_seed(0)
-torch.set_grad_enabled(False)
+torch.set_grad_enabled(False)  # these notebooks only run forward passes
+plt.rcParams["figure.dpi"] = 80  # small figures keep the executed notebook small
 
 # %% [markdown]
 # ## 1. The sine positional encoding, by hand
@@ -143,7 +144,7 @@ assert torch.allclose(pos[1, :, :4, :5], alone[0], atol=1e-6)
 big = pe(torch.zeros(1, 20, 30, dtype=torch.bool))[0]  # [256, 20, 30]
 channels = [0, 1, 20, 128, 129, 148]
 names = ["y sin f0", "y cos f0", "y sin f10", "x sin f0", "x cos f0", "x sin f10"]
-viz.plot_pe_channels(big, channels, titles=names)
+fig = viz.plot_pe_channels(big, channels, titles=names)
 # %% [markdown]
 # What matters to attention is the *dot product* between codes. The dot product of one position's
 # 256-d code with every other position's peaks at the position itself and falls off with distance,

@@ -42,7 +42,8 @@ from detr_lite.data.coco import build_dataset, collate_fn
 from detr_lite.transformer import TransformerDecoder, TransformerDecoderLayer, capture_attention
 
 torch.manual_seed(0)
-torch.set_grad_enabled(False)
+torch.set_grad_enabled(False)  # these notebooks only run forward passes
+plt.rcParams["figure.dpi"] = 80  # small figures keep the executed notebook small
 
 # %% [markdown]
 # ## 1. Object queries: 100 learned vectors
@@ -141,6 +142,7 @@ ax.imshow(weights[0, 0], cmap="viridis")
 ax.set_title("untrained: head 0, query -> query", fontsize=8)
 ax.set_xlabel("key (query slot)", fontsize=8)
 ax.set_ylabel("query slot", fontsize=8)
+fig.tight_layout()
 # %% [markdown]
 # ## 3. Six decoder layers and the shared final norm
 #

@@ -32,6 +32,7 @@
 # %matplotlib inline
 import math
 
+import matplotlib.pyplot as plt
 import skimage.data
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,8 @@ from detr_lite.models import build_model
 from detr_lite.transformer import TransformerDecoderLayer, capture_attention
 
 torch.manual_seed(0)
-torch.set_grad_enabled(False)
+torch.set_grad_enabled(False)  # these notebooks only run forward passes
+plt.rcParams["figure.dpi"] = 80  # small figures keep the executed notebook small
 
 # %% [markdown]
 # ## 1. The inputs of cross-attention
