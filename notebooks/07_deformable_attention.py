@@ -137,8 +137,9 @@ assert torch.equal(
 # In the encoder every pixel is a query and its reference point is its own centre; in the decoder
 # a linear layer predicts it from the object query (notebook 08).
 #
-# We take three queries on the photo: the cat's left eye, its nose, and the background. As their
-# content $z_q$ we read the level-0 feature at that point (with `grid_sample`, explained in section 4).
+# We take three queries on the photo: the eye on the left of the picture, the nose, and the
+# background. As their content $z_q$ we read the level-0 feature at that point (with `grid_sample`,
+# explained in section 4).
 
 # %%
 ref_xy = torch.tensor([[0.38, 0.40], [0.60, 0.78], [0.92, 0.45]])  # (x, y) normalised
