@@ -15,26 +15,16 @@ import pytest
 import torch
 
 from detr_lite.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from detr_lite.config import Config, ModelConfig
+from detr_lite.config import Config
 from detr_lite.models import build_model
 from detr_lite.utils import get_rng_state, set_rng_state
+from tests.test_train_cli import tiny_model_cfg
 
 
 def tiny_config(**model_overrides) -> Config:
-    m = dict(
-        num_classes=6,
-        backbone="resnet18",
-        frozen_bn=False,
-        hidden_dim=32,
-        nheads=2,
-        enc_layers=1,
-        dec_layers=1,
-        dim_feedforward=64,
-        dropout=0.0,
-        num_queries=5,
-    )
+    m = dict(dec_layers=1, dropout=0.0, num_queries=5)
     m.update(model_overrides)
-    return Config(name="tiny", model=ModelConfig(**m))
+    return Config(name="tiny", model=tiny_model_cfg(**m))
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,11 @@ from torchvision.ops import box_convert
 from detr_lite.config import DataConfig, get_config
 from detr_lite.data.coco import build_dataset, collate_fn, load_rgb, validate_coco_folder
 from detr_lite.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from tests.test_train_cli import one_thread  # noqa: F401 (autouse fixture: tiny tensors, thread overhead)
 
 ROOT = Path(__file__).resolve().parents[1] / "data" / "shapes"
 MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]
 STD = torch.tensor(IMAGENET_STD)[:, None, None]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: thread-pool overhead dominates on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_coco(root: Path, images, annotations, split="val2017", categories=None):

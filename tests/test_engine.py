@@ -20,15 +20,7 @@ from detr_lite.engine import (
     train_one_epoch,
 )
 from detr_lite.models import build_criterion, build_model
-from tests.test_train_cli import make_tiny_coco, tiny_cfg
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.test_train_cli import make_tiny_coco, one_thread, tiny_cfg  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

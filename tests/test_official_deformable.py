@@ -9,7 +9,7 @@ CPU, fp32):
    d=256, 6+6 layers, FFN 1024, 300 queries, 4 levels (1 for single-scale), 4+4 points, dropout
    0.1, ``aux_loss``, ``with_box_refine`` / ``two_stage`` as named), its CUDA ``MSDeformAttnFunction``
    replaced by the official pure-PyTorch ``ms_deform_attn_core_pytorch``, eval mode;
-2. fill its state dict with :func:`official_like_state_dict` (seeded; keys that the official model
+2. fill its state dict with :func:`official_parity.official_like_state_dict` (seeded; keys that the official model
    shares between modules - e.g. one class head listed once per decoder layer - get one tensor);
 3. run it on :func:`parity_batch` (a 2 x 3 x 128 x 160 batch, the second image padded) and keep
    logits and boxes of the first 60 queries (final and first auxiliary layer), the two-stage proposal
@@ -22,8 +22,6 @@ The test rebuilds the same state dict from keys + seed, loads it with
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import pytest
@@ -31,6 +29,8 @@ import torch
 
 from detr_lite.deformable.model import PostProcess
 from detr_lite.official import load_official_checkpoint, official_config
+from tests import official_parity
+from tests.official_parity import load_fixture, official_like_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_deformable"
 ARCHS = (
@@ -48,58 +48,19 @@ SEED = {
 TOL = 1e-4
 
 
-def official_like_state_dict(
-    keys_and_shapes: list[list], aliases: dict[str, str], seed: int
-) -> dict[str, torch.Tensor]:
-    """Deterministic, well-scaled random weights for the given keys (visited in sorted order).
-
-    Matrices / conv kernels / embeddings: ``randn / sqrt(fan_in)``; norm weights: ``1 + 0.1 randn``;
-    biases: ``0.02 randn``; BN ``running_mean``: ``0.1 randn``; ``running_var``: ``U(0.5, 1.5)``.
-    ``aliases`` maps a key to the key whose tensor it shares (it gets the very same values).
-    """
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in sorted(keys_and_shapes):
-        if key in aliases:
-            continue
-        shape = tuple(shape)
-        if key.endswith("running_var"):
-            t = 0.5 + torch.rand(shape, generator=g)
-        elif key.endswith("running_mean"):
-            t = 0.1 * torch.randn(shape, generator=g)
-        elif len(shape) >= 2:
-            t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-        elif key.endswith("weight"):
-            t = 1 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            t = 0.02 * torch.randn(shape, generator=g)
-        out[key] = t
-    for key, source in aliases.items():
-        out[key] = out[source]
-    return out
-
-
 def parity_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Image 0 is 128 x 160; image 1 is 100 x 130, zero-padded (mask True) to 128 x 160."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(2, 3, 128, 160, generator=g)
-    mask = torch.zeros(2, 128, 160, dtype=torch.bool)
-    mask[1, 100:, :] = True
-    mask[1, :, 130:] = True
-    images[1, :, mask[1]] = 0.0
-    return images, mask
+    return official_parity.parity_batch((128, 160), (100, 130), seed)
 
 
 @pytest.fixture(scope="module")
 def fixture_data():
-    keys = json.loads((FIXTURES / "keys.json").read_text())
-    outputs = torch.load(FIXTURES / "outputs.pt", weights_only=True)
-    return keys, outputs
+    return load_fixture(FIXTURES)
 
 
 def _load(arch, keys):
     entry = keys[arch]
-    state = official_like_state_dict(entry["keys"], entry["aliases"], SEED[arch])
+    state = official_like_state_dict(entry["keys"], SEED[arch], entry["aliases"])
     return load_official_checkpoint({"model": state}, arch=arch), state
 
 

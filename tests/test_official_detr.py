@@ -5,7 +5,7 @@ How the fixture in ``tests/fixtures/official_detr/`` was made (once, outside the
 1. build each architecture with the *official* code (``models.detr.build`` with the COCO arguments:
    ``backbone=resnet50|resnet101``, ``dilation=False|True``, ``hidden_dim=256``, 6+6 layers, 100 queries,
    ``aux_loss=True``) and put it in eval mode;
-2. fill its state dict with :func:`official_like_state_dict` below (seeded, deterministic, key by key in
+2. fill its state dict with :func:`official_parity.official_like_state_dict` (seeded, deterministic, key by key in
    sorted order) and load it into the official model;
 3. run the official model on :func:`parity_batch` (two images of different sizes padded into one
    2 x 3 x 160 x 192 batch with a mask) and save ``pred_logits``, ``pred_boxes`` and the first auxiliary
@@ -19,14 +19,14 @@ them), runs the same batch, and compares with the official outputs.
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from detr_lite.official import load_official_checkpoint, official_config
+from tests import official_parity
+from tests.official_parity import load_fixture, official_like_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_detr"
 ARCHS = ("detr_r50", "detr_r50_dc5", "detr_r101", "detr_r101_dc5")
@@ -35,48 +35,14 @@ SEED = {"detr_r50": 50, "detr_r50_dc5": 55, "detr_r101": 101, "detr_r101_dc5": 1
 TOL = 1e-4
 
 
-def official_like_state_dict(
-    keys_and_shapes: list[tuple[str, list[int]]], seed: int
-) -> dict[str, torch.Tensor]:
-    """Deterministic, well-scaled random weights for the given keys (visited in sorted order).
-
-    Matrices / conv kernels / embeddings: ``randn / sqrt(fan_in)``; norm weights: ``1 + 0.1 randn``;
-    biases: ``0.02 randn``; BN ``running_mean``: ``0.1 randn``; ``running_var``: ``U(0.5, 1.5)``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in sorted(keys_and_shapes):
-        shape = tuple(shape)
-        if key.endswith("running_var"):
-            t = 0.5 + torch.rand(shape, generator=g)
-        elif key.endswith("running_mean"):
-            t = 0.1 * torch.randn(shape, generator=g)
-        elif len(shape) >= 2:
-            t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-        elif key.endswith("weight"):
-            t = 1 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            t = 0.02 * torch.randn(shape, generator=g)
-        out[key] = t
-    return out
-
-
 def parity_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Image 0 is 160 x 192, image 1 is 128 x 150 padded (zeros, mask True) to the same 160 x 192."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(2, 3, 160, 192, generator=g)
-    mask = torch.zeros(2, 160, 192, dtype=torch.bool)
-    mask[1, 128:, :] = True
-    mask[1, :, 150:] = True
-    images[1, :, mask[1]] = 0.0
-    return images, mask
+    return official_parity.parity_batch((160, 192), (128, 150), seed)
 
 
 @pytest.fixture(scope="module")
 def fixture_data():
-    keys = json.loads((FIXTURES / "keys.json").read_text())
-    outputs = torch.load(FIXTURES / "outputs.pt", weights_only=True)
-    return keys, outputs
+    return load_fixture(FIXTURES)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,7 +1,8 @@
 """The training / evaluation CLIs end to end on a tiny subset of the bundled data.
 
-Helpers here (``make_tiny_coco``, ``write_tiny_config``) are reused by test_ddp.py and
-test_engine.py.
+Helpers here (``make_tiny_coco``, ``tiny_model_cfg``, ``tiny_cfg``, ``write_tiny_config``, the
+``one_thread`` fixture) are reused by test_ddp.py, test_engine.py, test_checkpoint.py and
+test_coco_data.py.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ def make_tiny_coco(dst: Path, n_train: int = 8, n_val: int = 4, id_map: dict[int
     return dst
 
 
-def tiny_cfg(root: Path, **train) -> Config:
-    """A model small enough to train a few iterations in about a second on a CPU."""
-    model = ModelConfig(
+def tiny_model_cfg(**overrides) -> ModelConfig:
+    """A DETR small enough to train a few iterations in about a second on a CPU."""
+    m = dict(
         num_classes=6,
         backbone="resnet18",
         frozen_bn=False,
@@ -61,6 +62,13 @@ def tiny_cfg(root: Path, **train) -> Config:
         dropout=0.1,  # dropout on: resume must restore the RNG too
         num_queries=6,
     )
+    m.update(overrides)
+    return ModelConfig(**m)
+
+
+def tiny_cfg(root: Path, **train) -> Config:
+    """:func:`tiny_model_cfg` + tiny images from ``root``."""
+    model = tiny_model_cfg()
     data = DataConfig(
         root=str(root),
         train_scales=(56, 64, 72),
