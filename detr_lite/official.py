@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from detr_lite.config import ModelConfig
+from detr_lite.config import ModelConfig, get_config
 
 
 @dataclass(frozen=True)
@@ -92,24 +92,11 @@ def convert_detr_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tenso
 
 def _detr_config(backbone: str, dilation: bool) -> Callable[[], ModelConfig]:
     def config_fn() -> ModelConfig:
-        # The official COCO models: 91 raw class ids (+ no-object), 100 queries, 6+6 layers, frozen BN.
-        return ModelConfig(
-            arch="detr",
-            num_classes=91,
-            backbone=backbone,
-            dilation=dilation,
-            pretrained_backbone=False,  # every backbone weight comes from the checkpoint
-            frozen_bn=True,
-            hidden_dim=256,
-            nheads=8,
-            enc_layers=6,
-            dec_layers=6,
-            dim_feedforward=2048,
-            dropout=0.1,
-            num_queries=100,
-            position_embedding="sine",
-            aux_loss=True,
-        )
+        # The official COCO models are the ``detr-r50-coco`` preset (91 raw class ids + no-object,
+        # 100 queries, 6+6 layers, frozen BN) with the zoo's backbone; every backbone weight comes
+        # from the checkpoint, so no ImageNet download.
+        preset = get_config("detr-r50-coco").model
+        return replace(preset, backbone=backbone, dilation=dilation, pretrained_backbone=False)
 
     return config_fn
 

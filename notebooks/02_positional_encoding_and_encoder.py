@@ -362,17 +362,23 @@ def attention_at_points(model, image, points):
     return torch.stack([attn[min(int(y) // s, gh - 1), min(int(x) // s, gw - 1)] for x, y in points])
 
 
-maps = attention_at_points(model, image, centres)
-fig = viz.show_attention_maps(
-    image, maps, points=centres, titles=[f"untrained: {n}" for n in names], overlay=True
-)
-on_box, uniform = viz.attention_mass_in_boxes(maps, boxes_xyxy, model.backbone.strides[-1])
-print(
-    "untrained: attention on own box",
-    [round(v, 2) for v in on_box.tolist()],
-    "| uniform would give",
-    [round(v, 2) for v in uniform.tolist()],
-)
+def show_encoder_attention(model, label):
+    """Draw the chosen cells' encoder attention and print the share of it on each object's box."""
+    maps = attention_at_points(model, image, centres)
+    fig = viz.show_attention_maps(
+        image, maps, points=centres, titles=[f"{label}: {n}" for n in names], overlay=True
+    )
+    on_box, uniform = viz.attention_mass_in_boxes(maps, boxes_xyxy, model.backbone.strides[-1])
+    print(
+        f"{label + ':':10} attention on own box",
+        [round(v, 2) for v in on_box.tolist()],
+        "| uniform would give",
+        [round(v, 2) for v in uniform.tolist()],
+    )
+    return fig
+
+
+fig = show_encoder_attention(model, "untrained")
 
 # %% [markdown]
 # Untrained, the maps have nothing to do with the objects, they hardly depend on which cell is
@@ -386,17 +392,7 @@ print(
 
 # %%
 trained, trained_cfg, ckpt = load_checkpoint("../data/checkpoints/detr_shapes.pt")
-maps = attention_at_points(trained, image, centres)
-fig = viz.show_attention_maps(
-    image, maps, points=centres, titles=[f"trained: {n}" for n in names], overlay=True
-)
-on_box, uniform = viz.attention_mass_in_boxes(maps, boxes_xyxy, trained.backbone.strides[-1])
-print(
-    "trained:   attention on own box",
-    [round(v, 2) for v in on_box.tolist()],
-    "| uniform would give",
-    [round(v, 2) for v in uniform.tolist()],
-)
+fig = show_encoder_attention(trained, "trained")
 
 # %% [markdown]
 # Training has changed the maps: attention is no longer arbitrary, and the big objects get more of it

@@ -27,11 +27,12 @@ Key mapping (everything else is identical: ``input_proj``, ``query_embed``, ``tr
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from detr_lite.config import ModelConfig
+from detr_lite.config import ModelConfig, get_config
 from detr_lite.official import register_converter, rename_prefixes
 
 _DECODER_HEAD_PREFIXES = ("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed.")
@@ -56,32 +57,15 @@ def convert_deformable_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str,
 
 def _deformable_config(levels: int = 4, refine: bool = False, two_stage: bool = False):
     def config_fn() -> ModelConfig:
-        # the official COCO models: 91 raw class ids (sigmoid/focal, no "no-object" logit), 300 queries
-        return ModelConfig(
-            arch="deformable_detr",
-            num_classes=91,
-            backbone="resnet50",
-            dilation=False,
-            pretrained_backbone=False,  # every backbone weight comes from the checkpoint
-            frozen_bn=True,
-            hidden_dim=256,
-            nheads=8,
-            enc_layers=6,
-            dec_layers=6,
-            dim_feedforward=1024,
-            dropout=0.1,
-            num_queries=300,
-            position_embedding="sine",
-            aux_loss=True,
-            num_feature_levels=levels,
-            backbone_layers=("layer2", "layer3", "layer4"),
-            enc_n_points=4,
-            dec_n_points=4,
-            with_box_refine=refine,
-            two_stage=two_stage,
-            set_cost_class=2.0,
-            cls_loss_coef=2.0,
-        )
+        # The official COCO models are the ``deformable-detr-r50-*-coco`` presets (91 raw class ids,
+        # sigmoid/focal so no "no-object" logit, 300 queries, 6+6 layers, FFN 1024); every backbone
+        # weight comes from the checkpoint, so no ImageNet download.
+        preset = {
+            (False, False): "deformable-detr-r50-coco",
+            (True, False): "deformable-detr-r50-refine-coco",
+            (True, True): "deformable-detr-r50-two-stage-coco",
+        }[(refine, two_stage)]
+        return replace(get_config(preset).model, pretrained_backbone=False, num_feature_levels=levels)
 
     return config_fn
 
