@@ -17,12 +17,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## Main job: train the toy DETR on the bundled data, then evaluate it (COCO AP table).
-## Quick run: make train TRAIN_ARGS="--epochs 2"  (any python -m detr_lite.train option; output dir: TRAIN_OUT=...)
+## Main job: pretrain the toy backbone, train the toy DETR on the bundled data, evaluate it (COCO AP table).
+## Quick run: make train PRETRAIN_ARGS="--epochs 1" TRAIN_ARGS="--epochs 2"
+## (any python -m detr_lite.pretrain / python -m detr_lite.train option; output dir: TRAIN_OUT=...)
 TRAIN_OUT ?= runs/detr-shapes
 TRAIN_ARGS ?=
+PRETRAIN_ARGS ?=
 train: $(STAMP)
-	$(PY) -m detr_lite.train --config detr-shapes --output $(TRAIN_OUT) $(TRAIN_ARGS)
+	$(PY) -m detr_lite.pretrain --config detr-shapes --output $(TRAIN_OUT)/backbone.pt $(PRETRAIN_ARGS)
+	$(PY) -m detr_lite.train --config detr-shapes --backbone-weights $(TRAIN_OUT)/backbone.pt --output $(TRAIN_OUT) $(TRAIN_ARGS)
 	$(PY) -m detr_lite.evaluate --checkpoint $(TRAIN_OUT)/checkpoint.pt --json $(TRAIN_OUT)/eval.json --no-progress
 	@echo "plots: $(TRAIN_OUT)/loss.png  checkpoint: $(TRAIN_OUT)/checkpoint.pt  metrics: $(TRAIN_OUT)/eval.json"
 

@@ -63,6 +63,7 @@ class DETR(nn.Module):
             dim_feedforward=cfg.dim_feedforward,
             dropout=cfg.dropout,
             return_intermediate_dec=True,
+            pre_norm=cfg.pre_norm,
         )
         self.class_embed = nn.Linear(d, cfg.num_classes + 1)
         self.bbox_embed = MLP(d, d, 4, 3)

@@ -100,7 +100,7 @@ def build_position_encoding(cfg: ModelConfig, offset: float = 0.0) -> nn.Module:
     """Sine (default) or learned encoding with ``hidden_dim // 2`` features per axis."""
     n = cfg.hidden_dim // 2
     if cfg.position_embedding == "sine":
-        return PositionEmbeddingSine(n, normalize=True, offset=offset)
+        return PositionEmbeddingSine(n, temperature=cfg.pe_temperature, normalize=True, offset=offset)
     if cfg.position_embedding == "learned":
         return PositionEmbeddingLearned(n)
     raise ValueError(

@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from these weights; class head dropped if num_classes differs",
     )
     p.add_argument(
+        "--backbone-weights",
+        metavar="CKPT",
+        help="start the backbone from these weights (python -m detr_lite.pretrain output, or any DETR checkpoint)",
+    )
+    p.add_argument(
         "--max-iters-per-epoch", type=int, help="smoke mode: stop each train/eval pass after N batches"
     )
     p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and always after the last)")
@@ -329,7 +334,21 @@ def run(args: argparse.Namespace) -> int:
         validate_coco_folder(cfg.data.root, split)
     if resume_ckpt is None:
         resolve_num_classes(cfg, args.num_classes)
-    if cfg.model.pretrained_backbone and resume_ckpt is None and not args.finetune:
+    starts_from_weights = bool(args.finetune or args.backbone_weights)
+    if args.backbone_weights and resume_ckpt is None and not Path(args.backbone_weights).is_file():
+        raise ValueError(f"--backbone-weights {args.backbone_weights}: file not found")
+    if (
+        resume_ckpt is None
+        and not cfg.model.train_backbone
+        and not cfg.model.pretrained_backbone
+        and not starts_from_weights
+    ):
+        # a frozen backbone that was never trained would stay random for the whole run
+        raise ValueError(
+            f"config {cfg.name}: the backbone is frozen (model.train_backbone false) but starts random; "
+            "pass --backbone-weights FILE (see python -m detr_lite.pretrain), --finetune FILE or --pretrained-backbone"
+        )
+    if cfg.model.pretrained_backbone and resume_ckpt is None and not starts_from_weights:
         # a run that asked for ImageNet weights must not silently train from a random backbone:
         # a one-line error naming the cache path (or --no-pretrained-backbone) before anything heavy
         from detr_lite.launch import ensure_pretrained_backbone
@@ -355,6 +374,12 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(cfg.model)
     if args.finetune and resume_ckpt is None:
         msg = load_finetune_weights(model, args.finetune)
+        if main:
+            print(msg)
+    if args.backbone_weights and resume_ckpt is None:
+        from detr_lite.pretrain import load_backbone_weights
+
+        msg = load_backbone_weights(model, args.backbone_weights)
         if main:
             print(msg)
     model.to(device)

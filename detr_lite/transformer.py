@@ -87,10 +87,22 @@ class Attention(nn.Module):
 
 
 class TransformerEncoderLayer(nn.Module):
-    """Post-norm encoder layer: self-attention over image tokens, then a ReLU FFN."""
+    """Encoder layer: self-attention over image tokens, then a ReLU FFN.
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1):
+    Post-norm (official default): ``x = norm(x + sublayer(x))``. ``pre_norm=True`` (official
+    ``--pre_norm``): ``x = x + sublayer(norm(x))``, and the encoder then ends with a final LayerNorm.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        pre_norm: bool = False,
+    ):
         super().__init__()
+        self.pre_norm = pre_norm
         self.self_attn = Attention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
@@ -103,6 +115,12 @@ class TransformerEncoderLayer(nn.Module):
     def forward(
         self, src: Tensor, pos: Tensor | None = None, key_padding_mask: Tensor | None = None
     ) -> Tensor:
+        if self.pre_norm:
+            x = self.norm1(src)
+            q = x if pos is None else x + pos
+            src = src + self.dropout1(self.self_attn(q, q, x, key_padding_mask))
+            x = self.norm2(src)
+            return src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
         q = src if pos is None else src + pos
         src = self.norm1(src + self.dropout1(self.self_attn(q, q, src, key_padding_mask)))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
@@ -110,10 +128,19 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerDecoderLayer(nn.Module):
-    """Post-norm decoder layer: query self-attention, cross-attention into the image, ReLU FFN."""
+    """Decoder layer: query self-attention, cross-attention into the image, ReLU FFN (post-norm, or
+    pre-norm with ``pre_norm=True`` as in the encoder layer)."""
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1):
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        pre_norm: bool = False,
+    ):
         super().__init__()
+        self.pre_norm = pre_norm
         self.self_attn = Attention(d_model, nhead, dropout=dropout)
         self.multihead_attn = Attention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -134,10 +161,19 @@ class TransformerDecoderLayer(nn.Module):
         pos: Tensor | None = None,
         query_pos: Tensor | None = None,
     ) -> Tensor:
+        k = memory if pos is None else memory + pos
+        if self.pre_norm:
+            x = self.norm1(tgt)
+            q = x if query_pos is None else x + query_pos
+            tgt = tgt + self.dropout1(self.self_attn(q, q, x))
+            x = self.norm2(tgt)
+            q = x if query_pos is None else x + query_pos
+            tgt = tgt + self.dropout2(self.multihead_attn(q, k, memory, memory_key_padding_mask))
+            x = self.norm3(tgt)
+            return tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x)))))
         q = tgt if query_pos is None else tgt + query_pos
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt)))
         q = tgt if query_pos is None else tgt + query_pos
-        k = memory if pos is None else memory + pos
         cross = self.multihead_attn(q, k, memory, memory_key_padding_mask)
         tgt = self.norm2(tgt + self.dropout2(cross))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
@@ -149,18 +185,19 @@ def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
 
 
 class TransformerEncoder(nn.Module):
-    """``num_layers`` encoder layers (post-norm: no final norm)."""
+    """``num_layers`` encoder layers, then ``norm`` if given (official: a final LayerNorm only for pre-norm)."""
 
-    def __init__(self, layer: TransformerEncoderLayer, num_layers: int):
+    def __init__(self, layer: TransformerEncoderLayer, num_layers: int, norm: nn.Module | None = None):
         super().__init__()
         self.layers = _clones(layer, num_layers)
+        self.norm = norm
 
     def forward(
         self, src: Tensor, pos: Tensor | None = None, key_padding_mask: Tensor | None = None
     ) -> Tensor:
         for layer in self.layers:
             src = layer(src, pos, key_padding_mask)
-        return src
+        return src if self.norm is None else self.norm(src)
 
 
 class TransformerDecoder(nn.Module):
@@ -208,13 +245,15 @@ class Transformer(nn.Module):
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
         return_intermediate_dec: bool = True,
+        pre_norm: bool = False,
     ):
         super().__init__()
         self.d_model = d_model
         self.nhead = nhead
-        enc = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout)
-        dec = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout)
-        self.encoder = TransformerEncoder(enc, num_encoder_layers)
+        enc = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, pre_norm)
+        dec = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, pre_norm)
+        enc_norm = nn.LayerNorm(d_model) if pre_norm else None  # official: encoder_norm only for pre-norm
+        self.encoder = TransformerEncoder(enc, num_encoder_layers, enc_norm)
         self.decoder = TransformerDecoder(dec, num_decoder_layers, d_model, return_intermediate_dec)
         for p in self.parameters():  # official init: Xavier-uniform for every matrix
             if p.dim() > 1:

@@ -101,3 +101,24 @@ def test_load_from_file_and_key_errors(tmp_path, fixture_data):
         load_official_checkpoint(state, arch="detr_r18")
     with pytest.raises(ValueError, match="file not found"):
         load_official_checkpoint(tmp_path / "nope.pth", arch="detr_r50")
+
+
+def test_pre_norm_transformer_matches_official():
+    """Official ``Transformer(normalize_before=True)`` (DETR's ``--pre_norm``: ``x + f(norm(x))`` layers and a
+    final encoder LayerNorm), d 64, 4 heads, 2 + 2 layers, padded batch: the fixture holds the official key
+    names/shapes, the inputs and the official ``hs`` / ``memory`` (generated once outside the repo)."""
+    from detr_lite.transformer import Transformer
+
+    fx = torch.load(FIXTURES / "prenorm_transformer.pt", weights_only=True)
+    ours = Transformer(64, 4, 2, 2, 128, dropout=0.0, pre_norm=True).eval()
+    state = official_like_state_dict(fx["keys"], fx["seed"])
+    ours.load_state_dict(state)  # identical key names, encoder.norm included
+    b, c, h, w = fx["src"].shape
+    flat = lambda x: x.flatten(2).transpose(1, 2)  # noqa: E731  [B, C, H, W] -> [B, HW, C]
+    with torch.no_grad():
+        hs, memory = ours(flat(fx["src"]), fx["mask"].flatten(1), fx["query"], flat(fx["pos"]))
+    assert hs.shape == fx["hs"].shape == (2, b, 6, 64)
+    assert (hs - fx["hs"]).abs().max() < 1e-5
+    assert (memory - flat(fx["memory"])).abs().max() < 1e-5
+    post = Transformer(64, 4, 2, 2, 128, dropout=0.0, pre_norm=False).eval()
+    assert "encoder.norm.weight" not in post.state_dict()  # post-norm has no final encoder norm

@@ -1,0 +1,146 @@
+"""Backbone pretraining (the toy stand-in for ImageNet weights): targets, loss, CLI, loading into DETR."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from detr_lite.checkpoint import read_checkpoint
+from detr_lite.models import build_model
+from detr_lite.pretrain import DenseHead, dense_targets, load_backbone_weights, pretext_loss
+from detr_lite.pretrain import main as pretrain_main
+from tests.test_train_cli import make_tiny_coco, one_thread, tiny_cfg, train_main  # noqa: F401
+
+K = 6
+
+
+def _target(boxes, labels, size=(64, 96)):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64), "size": torch.tensor(size)}  # fmt: skip
+
+
+def test_dense_targets_one_box_by_hand():
+    # image 64 x 96 (h x w) padded into 64 x 128, grid 4 x 8 (16-px cells); one box centred at
+    # pixel (x 40, y 24), 30 wide, 16 high (x 25..55, y 16..32), class 3
+    t = _target([[40 / 96, 24 / 64, 30 / 96, 16 / 64]], [3])
+    heat, ltrb, inside = dense_targets([t], (4, 8), (64, 128), K)
+    assert heat.shape == (1, K, 4, 8) and ltrb.shape == (1, 4, 4, 8) and inside.shape == (1, 4, 8)
+    # the centre cell (row 24 // 16 = 1, col 40 // 16 = 2) is exactly 1 in channel 3, nowhere else
+    assert heat[0, 3, 1, 2] == 1 and heat.eq(1).sum() == 1
+    assert heat[0, :3].abs().sum() == 0 and heat[0, 4:].abs().sum() == 0
+    assert 0 < heat[0, 3, 1, 1] < 1  # a Gaussian bump around it
+    # cell centres (x 8, 24, 40, ...; y 8, 24, ...) inside the box: x 40 (col 2), y 24 (row 1) only
+    assert inside[0].nonzero().tolist() == [[1, 2]]
+    # distances from the cell centre (40, 24) to the sides, as fractions of w = 96 and h = 64
+    assert torch.allclose(ltrb[0, :, 1, 2], torch.tensor([15 / 96, 8 / 64, 15 / 96, 8 / 64]))
+
+
+def test_dense_targets_empty_image_and_smaller_box_wins():
+    empty = _target([], [])
+    big = [48 / 96, 32 / 64, 90 / 96, 60 / 64]
+    small = [48 / 96, 32 / 64, 20 / 96, 20 / 64]
+    heat, ltrb, inside = dense_targets([empty, _target([big, small], [1, 2])], (4, 6), (64, 96), K)
+    assert heat[0].abs().sum() == 0 and not inside[0].any()
+    # where both boxes contain the cell centre (the middle cells), ltrb is the small box's
+    r, c = 1, 2  # cell centre (40, 24): inside both
+    assert inside[1, r, c]
+    assert torch.allclose(
+        ltrb[1, :, r, c], torch.tensor([(40 - 38) / 96, (24 - 22) / 64, (58 - 40) / 96, (42 - 24) / 64])
+    )
+
+
+def test_pretext_loss_ignores_padded_cells_and_is_finite():
+    torch.manual_seed(0)
+    t = _target([[0.3, 0.4, 0.2, 0.3]], [1])
+    heat, ltrb, inside = dense_targets([t], (4, 8), (64, 128), K)
+    valid = torch.zeros(1, 4, 8, dtype=torch.bool)
+    valid[:, :, :6] = True  # columns 6-7 are padding
+    logits, boxes = torch.randn(1, K, 4, 8), torch.rand(1, 4, 4, 8)
+    base = pretext_loss(logits, boxes, heat, ltrb, inside, valid)
+    assert all(torch.isfinite(v) for v in base.values())
+    logits2, boxes2 = logits.clone(), boxes.clone()
+    logits2[..., 6:] = 50.0
+    boxes2[..., 6:] = 0.0
+    again = pretext_loss(logits2, boxes2, heat, ltrb, inside, valid)
+    for k in base:
+        assert torch.equal(base[k], again[k]), k
+    # a perfect prediction has zero ltrb loss and a smaller heat loss than a random one
+    perfect = pretext_loss(torch.logit(heat.clamp(1e-4, 1 - 1e-4)), ltrb, heat, ltrb, inside, valid)
+    assert perfect["loss_ltrb"] == 0 and perfect["loss_heat"] < base["loss_heat"]
+
+
+def test_dense_head_starts_at_low_confidence():
+    head = DenseHead(32, K)
+    heat, ltrb = head(torch.randn(2, 32, 3, 4))
+    assert heat.shape == (2, K, 3, 4) and ltrb.shape == (2, 4, 3, 4)
+    assert heat.sigmoid().mean() < 0.05 and 0 < ltrb.min() and ltrb.max() < 1
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = make_tiny_coco(tmp_path_factory.mktemp("tiny_pre"))
+    cfg = tiny_cfg(root, epochs=1)
+    cfg.model.backbone_layers = ("layer3",)
+    path = tmp_path_factory.mktemp("cfgp") / "tiny.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    frozen = cfg.to_dict()
+    frozen["model"].update(frozen_bn=True, train_backbone=False, pre_norm=True, pe_temperature=20.0)
+    frozen_path = path.with_name("tiny_frozen.json")
+    frozen_path.write_text(json.dumps(frozen))
+    return root, path, frozen_path
+
+
+def test_pretrain_cli_then_train_with_frozen_backbone(tmp_path, tiny, capsys):
+    root, cfg_path, frozen_path = tiny
+    bb = tmp_path / "bb" / "backbone.pt"
+    assert (
+        pretrain_main(["--config", str(cfg_path), "--output", str(bb), "--epochs", "2", "--no-progress"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "pretrain epoch 2/2" in out and str(bb) in out
+    ckpt = read_checkpoint(bb)
+    assert ckpt["model"] and all(k.startswith("backbone.body.") for k in ckpt["model"])
+    assert not any("layer4" in k for k in ckpt["model"])  # stops at the config's last backbone layer
+    hist = json.loads(bb.with_suffix(".json").read_text())["history"]
+    assert len(hist) == 2 and all(h["train_loss_heat"] > 0 for h in hist)
+
+    # a frozen backbone with no weights is refused before anything heavy
+    assert train_main("--config", str(frozen_path), "--output", str(tmp_path / "x"), "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "backbone is frozen" in err and "--backbone-weights" in err and len(err.strip().splitlines()) == 1
+
+    run = tmp_path / "run"
+    rc = train_main(
+        "--config", str(frozen_path), "--backbone-weights", str(bb), "--output", str(run), "--no-progress"
+    )
+    assert rc == 0
+    trained = read_checkpoint(run / "checkpoint.pt")["model"]
+    for k, v in ckpt["model"].items():  # the frozen backbone is exactly the pretrained one
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(trained[k], v), k
+
+
+def test_backbone_weights_errors(tmp_path, tiny, capsys):
+    _, cfg_path, frozen_path = tiny
+    assert train_main("--config", str(frozen_path), "--backbone-weights", str(tmp_path / "nope.pt"),
+                      "--output", str(tmp_path / "r")) == 2  # fmt: skip
+    assert "nope.pt: file not found" in capsys.readouterr().err
+    cfg = tiny_cfg(tmp_path).model
+    model = build_model(cfg)
+    other = tiny_cfg(tmp_path).model
+    other.backbone = "resnet34"
+    path = tmp_path / "r34.pt"
+    torch.save({"model": build_model(other).state_dict()}, path)
+    with pytest.raises(
+        ValueError, match=r"--backbone-weights .*r34.pt: does not fit this backbone: .*unexpected"
+    ):
+        load_backbone_weights(model, path)
+    torch.save({"model": {"query_embed.weight": torch.zeros(6, 32)}}, path)
+    with pytest.raises(ValueError, match="no 'backbone.\\*' tensors"):
+        load_backbone_weights(model, path)
+    assert (
+        pretrain_main(["--config", str(cfg_path), "--output", str(tmp_path / "b.pt"), "--epochs", "0"]) == 2
+    )
+    assert "--epochs: expected >= 1" in capsys.readouterr().err
