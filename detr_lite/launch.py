@@ -820,6 +820,11 @@ def run_config(arch: str, smoke: bool = False):
     cfg = get_config(smoke_preset if smoke else coco_preset)
     for k, v in flags.items():  # the COCO presets already carry them; the small CPU one does not
         setattr(cfg.model, k, v)
+    if smoke and not cfg.model.train_backbone:
+        # the toy preset freezes a backbone pretrained by python -m detr_lite.pretrain; a smoke run of
+        # the COCO workflow has no pretraining step, so its random backbone trains (trainable BatchNorm)
+        cfg.model.train_backbone, cfg.model.frozen_bn = True, False
+        cfg.train.lr_backbone = cfg.train.lr
     cfg.name = arch + ("-smoke" if smoke else "")
     return cfg
 

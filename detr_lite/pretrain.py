@@ -2,7 +2,7 @@
 
 Official DETR never trains its ResNet from scratch: it starts from ImageNet weights. Those can't be
 downloaded here, and a DETR whose backbone *and* transformer start from random weights sits on a
-long plateau (the same boxes for every image; see ``data/checkpoints/detr_shapes.md``). This module
+long plateau (the same boxes for every image; see ``data/checkpoints/detr_shapes_scratch.md``). This module
 is the bundled data's stand-in for ImageNet pretraining: a short supervised pretext task that teaches
 the ResNet what the shapes look like and where they are, before DETR is trained on top of it.
 
@@ -21,7 +21,7 @@ the backbone is kept, saved as a checkpoint whose ``'model'`` holds ``backbone.*
 
 CLI::
 
-    python -m detr_lite.pretrain --config detr-shapes --output runs/detr-shapes/backbone.pt --epochs 12
+    python -m detr_lite.pretrain --config detr-shapes --output runs/detr-shapes/backbone.pt --epochs 20
 """
 
 from __future__ import annotations
@@ -218,6 +218,21 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> str:
     return f"loaded backbone weights from {path} ({len(sd)} tensors)"
 
 
+def backbone_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """Where a ``--backbone-weights`` file came from (its path and, for a pretrain checkpoint, the command,
+    epochs, wall time and last epoch's pretext losses), to be kept in the trained checkpoint's meta."""
+    from detr_lite.checkpoint import read_checkpoint
+
+    meta = read_checkpoint(path).get("meta", {})
+    out: dict[str, Any] = {"path": str(path)}
+    for key in ("command", "epochs", "pretrain_wall_time_s", "pretext"):
+        if key in meta:
+            out[key] = meta[key]
+    if meta.get("history"):
+        out["last_epoch"] = meta["history"][-1]
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m detr_lite.pretrain",
@@ -228,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", required=True, help="backbone checkpoint to write (e.g. runs/detr-shapes/backbone.pt)"
     )
-    p.add_argument("--epochs", type=int, default=12, help="passes over the training split")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training split")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--batch-size", type=int, help="images per step (default: the config's)")
     p.add_argument("--max-iters-per-epoch", type=int, help="smoke mode: stop each pass after N batches")

@@ -376,10 +376,12 @@ def run(args: argparse.Namespace) -> int:
         msg = load_finetune_weights(model, args.finetune)
         if main:
             print(msg)
+    provenance: dict[str, Any] = dict(resume_ckpt["meta"].get("backbone_weights", {})) if resume_ckpt else {}
     if args.backbone_weights and resume_ckpt is None:
-        from detr_lite.pretrain import load_backbone_weights
+        from detr_lite.pretrain import backbone_provenance, load_backbone_weights
 
         msg = load_backbone_weights(model, args.backbone_weights)
+        provenance = backbone_provenance(args.backbone_weights)
         if main:
             print(msg)
     model.to(device)
@@ -475,7 +477,8 @@ def run(args: argparse.Namespace) -> int:
             wall = wall_before + time.perf_counter() - t_run
             save_checkpoint(
                 ckpt_path, model, cfg,
-                meta={"command": " ".join(sys.argv), "train_wall_time_s": wall, "world_size": D.get_world_size()},
+                meta={"command": " ".join(sys.argv), "train_wall_time_s": wall, "world_size": D.get_world_size(),
+                      **({"backbone_weights": provenance} if provenance else {})},
                 optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
                 epoch=epoch + 1, rng=get_rng_state(), metrics=history,
                 sampler_generator=batches.generator.get_state(),

@@ -81,7 +81,9 @@ ax = viz.show_image(cat, title=f"input 3x{H0}x{W0} (de-normalised for display)")
 # `torchvision.models.resnet50(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V1)`
 # (the package does this when `ModelConfig.pretrained_backbone=True`). DETR also freezes batch-norm
 # statistics (`torchvision.ops.FrozenBatchNorm2d`); in `eval()` mode an ordinary `BatchNorm2d`
-# computes the same thing, so we just call `eval()`.
+# computes the same thing, so we just call `eval()`. (The toy model trained on the bundled data
+# needs pretrained weights too; offline it gets them from a short pretext task on the training
+# split, `python -m detr_lite.pretrain`, shown in notebook 06.)
 
 # %%
 resnet = torchvision.models.resnet50(weights=None).eval()

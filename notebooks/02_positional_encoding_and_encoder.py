@@ -161,6 +161,27 @@ for ax, (r, c) in zip(axes, [(3, 4), (10, 15), (17, 27)]):
     ax.axis("off")
 
 # %% [markdown]
+# ### The temperature on a small grid
+#
+# The wavelengths run from 2π up to 2π·T (T = 10000 officially). On COCO's ~25×38 grids that is fine,
+# but the toy model's grid is only about 7×10 cells: with T = 10000 most of the 64 frequencies per
+# axis barely change across the whole grid, so they carry almost no position. The `detr-shapes`
+# preset sets `pe_temperature = 20` (as Conditional and DAB-DETR do), which keeps every channel
+# informative. Count the channels whose value moves by more than 0.1 across a 7×10 grid:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+small_grid = torch.zeros(1, 7, 10, dtype=torch.bool)
+moving = {}
+for temperature in (10000, 20):
+    code = PositionEmbeddingSine(64, temperature=temperature)(small_grid)[0]  # d = 128 as in the toy model
+    moving[temperature] = int(((code.amax((1, 2)) - code.amin((1, 2))) > 0.1).sum())
+    print(
+        f"T = {temperature:5d}: {moving[temperature]:3d} of {code.shape[0]} channels vary by > 0.1 over a 7x10 grid"
+    )
+assert moving[20] > 2 * moving[10000]
+
+# %% [markdown]
 # ## 2. One encoder layer, from primitives
 #
 # The layer has four steps (post-norm, as in DETR): multi-head self-attention with `q = k = src + pos`
@@ -297,6 +318,35 @@ assert memory.shape == src.shape
 layer = TransformerEncoderLayer(d_model=d, nhead=nhead, dim_feedforward=dim_ff, dropout=0.1).eval()
 layer.load_state_dict(W)  # strict: every name matches
 assert torch.allclose(layer(src, pos_tokens, key_padding_mask), memory, atol=1e-5)
+
+# %% [markdown]
+# **Pre-norm.** The official code has a second arrangement, `--pre_norm`: normalise *before* each
+# sub-layer and add its output to the untouched input, `x + f(norm(x))`, so the residual stream is
+# never normalised (the encoder then ends with one final LayerNorm). It trains more stably from
+# scratch; the toy preset uses it. Same weights, by hand and in the package:
+
+
+# %%
+def encoder_layer_pre_norm(src, pos, key_padding_mask, W, nhead):
+    x = layer_norm(src, W["norm1.weight"], W["norm1.bias"])
+    attn, _ = multi_head_attention(x + pos, x + pos, x, W, "self_attn.", nhead, key_padding_mask)
+    src = src + attn  # the residual stream itself is never normalised
+    x = layer_norm(src, W["norm2.weight"], W["norm2.bias"])
+    return (
+        src
+        + torch.relu(x @ W["linear1.weight"].T + W["linear1.bias"]) @ W["linear2.weight"].T
+        + W["linear2.bias"]
+    )
+
+
+pre_layer = TransformerEncoderLayer(d, nhead, dim_ff, dropout=0.1, pre_norm=True).eval()
+pre_layer.load_state_dict(W)
+assert torch.allclose(
+    pre_layer(src, pos_tokens, key_padding_mask),
+    encoder_layer_pre_norm(src, pos_tokens, key_padding_mask, W, nhead),
+    atol=1e-5,
+)
+print("pre-norm layer by hand == TransformerEncoderLayer(pre_norm=True)")
 
 # %% [markdown]
 # The official DETR code calls PyTorch's `nn.MultiheadAttention` in the **sequence-first** layout,

@@ -51,6 +51,7 @@ from detr_lite.config import get_config
 from detr_lite.data.coco import build_dataset, collate_fn
 from detr_lite.engine import build_optimizer, evaluate, train_one_epoch, weighted_loss
 from detr_lite.models import build_criterion, build_model, build_postprocessor
+from detr_lite.pretrain import DenseHead, dense_targets, load_backbone_weights, pretext_loss
 from detr_lite.transformer import capture_attention
 from detr_lite.utils import AP_KEYS, format_ap_table, read_jsonl, seed_everything
 
@@ -167,7 +168,53 @@ assert tuple(images.shape[-2:]) == tuple(max(t["size"][k].item() for t in target
 print("mask is True exactly outside each image's (h, w); boxes are normalised cxcywh")
 
 # %% [markdown]
-# ## 2. One training step, written out
+# ## 2. Stage 0: a backbone that already sees shapes
+#
+# Official DETR never trains its ResNet from random weights: it starts from ImageNet weights and
+# freezes their BatchNorm statistics. Those weights can't be downloaded here, and a DETR whose
+# backbone *and* transformer both start random stays for a long time on a plateau where it predicts
+# the same boxes for every image (the earlier toy recipe did exactly that for an hour:
+# `data/checkpoints/detr_shapes.md` keeps the record). So the `detr-shapes` recipe first
+# **pretrains the backbone** on the training split — the toy stand-in for ImageNet — with a dense
+# pretext that needs no transformer and no matching (`python -m detr_lite.pretrain`, about 8
+# minutes):
+#
+# * a class heatmap per feature cell, 1 at each object's centre and a Gaussian bump around it
+#   (CenterNet's target and focal loss);
+# * inside each box, the distances from the cell centre to the four box sides (FCOS's `ltrb`, L1).
+#
+# Then DETR trains on top of the *frozen* pretrained backbone. Below: the pretext targets of the
+# batch above on the stride-16 grid the toy backbone produces.
+
+# %%
+stride = 16  # ResNet-18 stopped after layer3
+grid = (-(-images.shape[-2] // stride), -(-images.shape[-1] // stride))  # ceil: the backbone's grid
+heat, ltrb, inside = dense_targets(targets, grid, images.shape[-2:], cfg.model.num_classes)
+fig, axes = plt.subplots(2, 4, figsize=(9, 3.6), dpi=80)
+for b in range(4):
+    axes[0, b].imshow(heat[b].amax(0), cmap="magma", vmin=0, vmax=1)
+    axes[0, b].set_title(f"heat (max over classes) {b}", fontsize=8)
+    axes[1, b].imshow(ltrb[b, 0] * inside[b], cmap="viridis")
+    axes[1, b].set_title("ltrb: distance to left side", fontsize=8)
+for ax in axes.flat:
+    ax.set_xticks([])
+    ax.set_yticks([])
+fig.tight_layout()
+plt.show()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("heat", tuple(heat.shape), "[B, K, h, w] | ltrb", tuple(ltrb.shape), "| inside", tuple(inside.shape))
+assert heat.shape == (4, cfg.model.num_classes, *grid) and ltrb.shape == (4, 4, *grid)
+assert all(heat[b].eq(1).sum() == len(targets[b]["boxes"]) for b in range(4))  # one peak per object
+head = DenseHead(256, cfg.model.num_classes)
+feat = torch.randn(4, 256, *grid)  # stands in for the backbone's features here
+losses = pretext_loss(*head(feat), heat, ltrb, inside, ~mask[:, ::stride, ::stride])
+print("pretext terms:", sorted(losses))
+assert all(torch.isfinite(v) for v in losses.values())
+
+# %% [markdown]
+# ## 3. One training step, written out
 #
 # The whole DETR training recipe is five lines (the official one: AdamW, weight decay 1e-4,
 # gradient clipping at max-norm 0.1; the backbone gets its own learning rate):
@@ -182,6 +229,8 @@ print("mask is True exactly outside each image's (h, w); boxes are normalised cx
 # %%
 seed_everything(0)
 model = build_model(cfg.model).to(device)
+# the recipe's frozen, pretrained backbone: here the one inside the shipped checkpoint
+print(load_backbone_weights(model, CKPT_DIR / "detr_shapes.pt").replace(str(ROOT) + "/", ""))
 criterion = build_criterion(cfg.model)
 optimizer = build_optimizer(model, cfg.train)
 print("parameters:", sum(p.numel() for p in model.parameters()) / 1e6, "M")
@@ -213,7 +262,7 @@ assert outputs["pred_logits"].shape == (4, cfg.model.num_queries, cfg.model.num_
 assert torch.isfinite(loss)
 
 # %% [markdown]
-# ## 3. A short live run
+# ## 4. A short live run
 #
 # Now the package's `train_one_epoch` (the same step plus logging, AMP on GPUs, and a clear stop on a
 # non-finite loss), over a 32-image subset of the training split, for about 35 seconds. Its `log`
@@ -274,7 +323,7 @@ assert last < first, "the loss should fall during the live run"
 print("loss fell during the live run:", last < first)
 
 # %% [markdown]
-# ## 4. The shipped checkpoint: recipe and training curve
+# ## 5. The shipped checkpoint: recipe and training curve
 #
 # Thirty-odd seconds is not enough to detect anything. The repository ships a toy DETR trained with
 # `python -m detr_lite.train --config detr-shapes` on this data; its recipe and final metrics sit
@@ -327,7 +376,7 @@ print(json.dumps(ckpt["meta"], indent=1)[:600])
 # move to the dataset's averages, as in our live run) and then barely moves, and validation AP stays
 # near zero. On this plateau the decoder outputs nearly the same set of boxes whatever the image is.
 #
-# ## 5. COCO AP, computed live
+# ## 6. COCO AP, computed live
 #
 # `detr_lite.engine.evaluate` runs the model over the validation loader, turns the outputs into
 # per-image detections at the *original* image size (`PostProcess`: softmax, drop "no object", best
@@ -358,7 +407,7 @@ if evals:  # the shipped weights are the logged run's last epoch (fp16 storage m
 assert all(-1 <= metrics[k] <= 1 for k in AP_KEYS)
 
 # %% [markdown]
-# ## 6. Predictions on validation images
+# ## 7. Predictions on validation images
 #
 # For drawing we post-process against the *resized* image size instead of the original one. A
 # trained DETR is drawn with a score threshold (say 0.5) and needs no non-maximum suppression — the
@@ -406,7 +455,7 @@ across_queries = boxes_b.std(dim=1).mean().item()
 print(f"box std across images {across_images:.3f} | across queries {across_queries:.3f}")
 
 # %% [markdown]
-# ## 7. What the trained model attends to
+# ## 8. What the trained model attends to
 #
 # `capture_attention` records every attention layer's weights `[B, heads, Lq, Lk]` during a forward
 # pass. The feature grid is the image size divided by the backbone's stride, rounded up. The toy

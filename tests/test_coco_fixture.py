@@ -16,6 +16,7 @@ from detr_lite.coco_fixture import FIXTURE_CATEGORIES, make_coco_fixture
 from detr_lite.config import get_config
 from detr_lite.data.coco import build_dataset, collate_fn, num_classes_from_coco, validate_coco_folder
 from detr_lite.engine import coco_bbox_eval
+from tests.test_train_cli import SHIPPED_DETR
 
 IDS = [cid for cid, _, _ in FIXTURE_CATEGORIES]
 
@@ -143,6 +144,7 @@ def test_train_cli_derives_91_classes(fixture_root, tmp_path):
     out = tmp_path / "run"
     rc = train_main(
         ["--config", "detr-shapes", "--data", str(root), "--output", str(out), "--epochs", "1",
+         "--backbone-weights", str(SHIPPED_DETR),
          "--batch-size", "2", "--max-iters-per-epoch", "1", "--device", "cpu", "--num-workers", "0",
          "--no-progress"]
     )  # fmt: skip

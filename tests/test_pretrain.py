@@ -116,7 +116,11 @@ def test_pretrain_cli_then_train_with_frozen_backbone(tmp_path, tiny, capsys):
         "--config", str(frozen_path), "--backbone-weights", str(bb), "--output", str(run), "--no-progress"
     )
     assert rc == 0
-    trained = read_checkpoint(run / "checkpoint.pt")["model"]
+    trained_ckpt = read_checkpoint(run / "checkpoint.pt")
+    prov = trained_ckpt["meta"]["backbone_weights"]  # where the backbone came from travels with the model
+    assert prov["path"] == str(bb) and prov["epochs"] == 2 and "detr_lite.pretrain" in prov["command"]
+    assert prov["pretrain_wall_time_s"] > 0 and "train_loss_heat" in prov["last_epoch"]
+    trained = trained_ckpt["model"]
     for k, v in ckpt["model"].items():  # the frozen backbone is exactly the pretrained one
         if not k.endswith("num_batches_tracked"):
             assert torch.equal(trained[k], v), k

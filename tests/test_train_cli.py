@@ -25,6 +25,7 @@ from detr_lite.utils import AP_KEYS, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = REPO / "data" / "shapes"
+SHIPPED_DETR = REPO / "data" / "checkpoints" / "detr_shapes.pt"
 
 
 def make_tiny_coco(dst: Path, n_train: int = 8, n_val: int = 4, id_map: dict[int, int] | None = None) -> Path:
@@ -128,12 +129,15 @@ def tiny_config(tmp_path_factory, tiny_data) -> Path:
 
 # --------------------------------------------------------------------------------------------
 def test_smoke_train_then_evaluate(tmp_path, tiny_data):
-    """The real detr-shapes preset, 1 epoch, 2 iterations; every output file; evaluate CLI."""
+    """The real detr-shapes preset (its frozen backbone from the shipped checkpoint), 1 epoch, 2 iterations;
+    every output file; evaluate CLI."""
     out = tmp_path / "run"
     r = run_cli(
         "--config", "detr-shapes", "--data", str(tiny_data), "--epochs", "1",
+        "--backbone-weights", str(SHIPPED_DETR),
         "--max-iters-per-epoch", "2", "--output", str(out), "--no-progress",
     )  # fmt: skip
+    assert "loaded backbone weights from" in r.stdout
     assert r.returncode == 0, r.stderr
     for name in ("checkpoint.pt", "log.jsonl", "metrics.json", "loss.png", "config.json"):
         assert (out / name).is_file(), name
