@@ -477,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
             wall = wall_before + time.perf_counter() - t_run
             save_checkpoint(
                 ckpt_path, model, cfg,
-                meta={"command": " ".join(sys.argv), "train_wall_time_s": wall, "world_size": D.get_world_size(),
+                meta={"command": " ".join(["python -m detr_lite.train", *sys.argv[1:]]), "train_wall_time_s": wall, "world_size": D.get_world_size(),
                       **({"backbone_weights": provenance} if provenance else {})},
                 optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
                 epoch=epoch + 1, rng=get_rng_state(), metrics=history,

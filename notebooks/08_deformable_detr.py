@@ -482,7 +482,7 @@ for b in range(B):
 # *everything* from random weights, so we compare it with the earlier DETR recipe that did the same
 # (`data/checkpoints/detr_shapes_scratch.md`: ResNet-18 stages, d = 128, 3 + 3 layers, same data,
 # batch and learning rate, 20 epochs); the Deformable preset is given about a third of those epochs.
-# (The shipped `detr_shapes.pt` is trained differently: on a frozen *pretrained* backbone, for 100
+# (The shipped `detr_shapes.pt` is trained differently: on a frozen *pretrained* backbone, for 90
 # epochs; it is printed for reference, not compared.) The per-epoch validation metrics ship beside the
 # checkpoints (`*_log.jsonl`). We test the claim in this form: *does Deformable DETR reach the
 # from-scratch DETR's final AP within a third of DETR's epochs?*
