@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -131,15 +130,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("DETR_LITE_DEBUG"):
-            raise
-        print(f"detr_lite.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from detr_lite.utils import cli_main
+
+    return cli_main("detr_lite.evaluate", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -511,14 +511,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("DETR_LITE_DEBUG"):
-            raise
-        print(f"detr_lite.train: error: {e}", file=sys.stderr)
-        return 2
+    from detr_lite.utils import cli_main
+
+    return cli_main("detr_lite.train", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -137,3 +137,17 @@ def format_ap_table(metrics: dict[str, float], title: str | None = None) -> str:
     lines.append("|" + "|".join("-------" for _ in AP_KEYS) + "|")
     lines.append("| " + " | ".join(f"{c:>5}" for c in cells) + " |")
     return "\n".join(lines)
+
+
+def cli_main(prog: str, parser, run, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` with ``parser`` and call ``run(args)``; a ``ValueError`` / ``FileNotFoundError``
+    becomes one line ``PROG: error: ...`` on stderr and exit code 2 (``DETR_LITE_DEBUG=1``: traceback)."""
+    args = parser.parse_args(argv)
+    try:
+        rc = run(args)  # an exit code, or anything else (e.g. evaluate's metrics) for success
+        return rc if isinstance(rc, int) else 0
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("DETR_LITE_DEBUG"):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
