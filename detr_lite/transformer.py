@@ -86,12 +86,13 @@ class Attention(nn.Module):
         return self.out_proj(out)
 
 
-class TransformerEncoderLayer(nn.Module):
-    """Encoder layer: self-attention over image tokens, then a ReLU FFN.
+class _Layer(nn.Module):
+    """What encoder and decoder layers share: self-attention, the ReLU FFN ``linear2(relu(linear1(x)))``,
+    one LayerNorm and one dropout per sub-layer (``norm1..``, ``dropout1..``) and the norm placement.
+    Subclasses set ``cross`` (whether a cross-attention sub-layer sits between the two). Attribute names
+    (and their order) are the official ones, so official state dicts load unchanged."""
 
-    Post-norm (official default): ``x = norm(x + sublayer(x))``. ``pre_norm=True`` (official
-    ``--pre_norm``): ``x = x + sublayer(norm(x))``, and the encoder then ends with a final LayerNorm.
-    """
+    cross = False
 
     def __init__(
         self,
@@ -104,13 +105,29 @@ class TransformerEncoderLayer(nn.Module):
         super().__init__()
         self.pre_norm = pre_norm
         self.self_attn = Attention(d_model, nhead, dropout=dropout)
+        if self.cross:
+            self.multihead_attn = Attention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        n = 3 if self.cross else 2  # sub-layers: self-attn, (cross-attn), FFN
+        for i in range(1, n + 1):
+            setattr(self, f"norm{i}", nn.LayerNorm(d_model))
+        for i in range(1, n + 1):
+            setattr(self, f"dropout{i}", nn.Dropout(dropout))
+
+    def ffn(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class TransformerEncoderLayer(_Layer):
+    """Encoder layer: self-attention over image tokens, then a ReLU FFN.
+
+    Post-norm (official default): ``x = norm(x + sublayer(x))``. ``pre_norm=True`` (official
+    ``--pre_norm``): ``x = x + sublayer(norm(x))``, and the encoder then ends with a final LayerNorm.
+    """
+
+    cross = False  # self-attention, FFN
 
     def forward(
         self, src: Tensor, pos: Tensor | None = None, key_padding_mask: Tensor | None = None
@@ -119,39 +136,17 @@ class TransformerEncoderLayer(nn.Module):
             x = self.norm1(src)
             q = x if pos is None else x + pos
             src = src + self.dropout1(self.self_attn(q, q, x, key_padding_mask))
-            x = self.norm2(src)
-            return src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+            return src + self.dropout2(self.ffn(self.norm2(src)))
         q = src if pos is None else src + pos
         src = self.norm1(src + self.dropout1(self.self_attn(q, q, src, key_padding_mask)))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout2(ffn))
+        return self.norm2(src + self.dropout2(self.ffn(src)))
 
 
-class TransformerDecoderLayer(nn.Module):
+class TransformerDecoderLayer(_Layer):
     """Decoder layer: query self-attention, cross-attention into the image, ReLU FFN (post-norm, or
     pre-norm with ``pre_norm=True`` as in the encoder layer)."""
 
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        pre_norm: bool = False,
-    ):
-        super().__init__()
-        self.pre_norm = pre_norm
-        self.self_attn = Attention(d_model, nhead, dropout=dropout)
-        self.multihead_attn = Attention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+    cross = True  # self-attention, cross-attention, FFN
 
     def forward(
         self,
@@ -169,15 +164,13 @@ class TransformerDecoderLayer(nn.Module):
             x = self.norm2(tgt)
             q = x if query_pos is None else x + query_pos
             tgt = tgt + self.dropout2(self.multihead_attn(q, k, memory, memory_key_padding_mask))
-            x = self.norm3(tgt)
-            return tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+            return tgt + self.dropout3(self.ffn(self.norm3(tgt)))
         q = tgt if query_pos is None else tgt + query_pos
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt)))
         q = tgt if query_pos is None else tgt + query_pos
         cross = self.multihead_attn(q, k, memory, memory_key_padding_mask)
         tgt = self.norm2(tgt + self.dropout2(cross))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout3(ffn))
+        return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
 
 
 def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
