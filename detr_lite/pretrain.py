@@ -22,6 +22,9 @@ the backbone is kept, saved as a checkpoint whose ``'model'`` holds ``backbone.*
 CLI::
 
     python -m detr_lite.pretrain --config detr-shapes --output runs/detr-shapes/backbone.pt --epochs 20
+
+(AdamW, constant lr 1e-3. ``--lr-drop N`` divides it by 10 after N epochs: it lowers the pretext's val loss
+but measured *worse* for DETR — see ``data/checkpoints/detr_shapes.md``.)
 """
 
 from __future__ import annotations
@@ -136,11 +139,12 @@ def pretrain_backbone(
     lr: float = 1e-3,
     max_iters: int | None = None,
     log=None,
+    lr_drop: int | None = None,
     progress: bool = True,
 ) -> tuple[Backbone, list[dict[str, float]]]:
     """Train ``cfg``'s backbone (from scratch, all stages) on the pretext for ``epochs`` passes over the
     training split, with the toy training augmentation; returns the backbone and per-epoch metrics
-    (train and val pretext losses)."""
+    (train and val pretext losses). ``lr_drop``: from that epoch (0-based) on, the lr is ``lr / 10``."""
     from detr_lite.train import build_loaders
 
     model_cfg = cfg.model
@@ -157,6 +161,8 @@ def pretrain_backbone(
     for epoch in range(epochs):
         torch.manual_seed(cfg.train.seed + epoch)
         batches.set_epoch(epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr if lr_drop is None or epoch < lr_drop else lr * 0.1
         backbone.train()
         head.train()
         t0, sums, n = time.perf_counter(), {"loss_heat": 0.0, "loss_ltrb": 0.0}, 0
@@ -173,7 +179,8 @@ def pretrain_backbone(
             for k in sums:
                 sums[k] += float(losses[k].detach())
             n += 1
-        record = {"epoch": epoch, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
+        record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
+        record.update({f"train_{k}": v / max(n, 1) for k, v in sums.items()})
         record["train_time_s"] = time.perf_counter() - t0
         backbone.eval()
         head.eval()
@@ -225,7 +232,7 @@ def backbone_provenance(path: str | os.PathLike) -> dict[str, Any]:
 
     meta = read_checkpoint(path).get("meta", {})
     out: dict[str, Any] = {"path": str(path)}
-    for key in ("command", "epochs", "pretrain_wall_time_s", "pretext"):
+    for key in ("command", "epochs", "lr", "lr_drop", "pretrain_wall_time_s", "pretext"):
         if key in meta:
             out[key] = meta[key]
     if meta.get("history"):
@@ -245,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=int, default=20, help="passes over the training split")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument(
+        "--lr-drop", type=int,
+        help="epochs at --lr, then --lr / 10 for the rest (default: --epochs, i.e. no drop)",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, help="images per step (default: the config's)")
     p.add_argument("--max-iters-per-epoch", type=int, help="smoke mode: stop each pass after N batches")
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads")
@@ -259,6 +270,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise ValueError(f"--epochs: expected >= 1, got {args.epochs}")
+    if args.lr_drop is None:
+        args.lr_drop = args.epochs
+    if not 0 < args.lr_drop <= args.epochs:
+        raise ValueError(f"--lr-drop: expected 1..--epochs ({args.epochs}), got {args.lr_drop}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
@@ -290,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
         max_iters=args.max_iters_per_epoch,
         log=log,
         progress=not args.no_progress,
+        lr_drop=args.lr_drop,
     )
     wall = time.perf_counter() - t0
     holder = nn.Module()
@@ -297,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
     save_checkpoint(
         out, holder, cfg,
         meta={"command": " ".join(["python -m detr_lite.pretrain", *sys.argv[1:]]), "pretrain_wall_time_s": wall,
-              "pretext": "centre heatmap (focal) + ltrb (L1)", "epochs": args.epochs, "history": history},
+              "pretext": "centre heatmap (focal) + ltrb (L1)", "epochs": args.epochs, "lr": args.lr,
+              "lr_drop": args.lr_drop, "history": history},
     )  # fmt: skip
     write_json_atomic({"history": history, "pretrain_wall_time_s": wall}, out.with_suffix(".json"))
     print(f"backbone: {out} ({wall / 60:.1f} min)")

@@ -96,8 +96,9 @@ def test_pretrain_cli_then_train_with_frozen_backbone(tmp_path, tiny, capsys):
     root, cfg_path, frozen_path = tiny
     bb = tmp_path / "bb" / "backbone.pt"
     assert (
-        pretrain_main(["--config", str(cfg_path), "--output", str(bb), "--epochs", "2", "--no-progress"]) == 0
-    )
+        pretrain_main(["--config", str(cfg_path), "--output", str(bb), "--epochs", "2", "--lr-drop", "1",
+                       "--no-progress"]) == 0
+    )  # fmt: skip
     out = capsys.readouterr().out
     assert "pretrain epoch 2/2" in out and str(bb) in out
     ckpt = read_checkpoint(bb)
@@ -105,6 +106,7 @@ def test_pretrain_cli_then_train_with_frozen_backbone(tmp_path, tiny, capsys):
     assert not any("layer4" in k for k in ckpt["model"])  # stops at the config's last backbone layer
     hist = json.loads(bb.with_suffix(".json").read_text())["history"]
     assert len(hist) == 2 and all(h["train_loss_heat"] > 0 for h in hist)
+    assert [h["lr"] for h in hist] == pytest.approx([1e-3, 1e-4])  # --lr-drop 1: lr / 10 from epoch 2
 
     # a frozen backbone with no weights is refused before anything heavy
     assert train_main("--config", str(frozen_path), "--output", str(tmp_path / "x"), "--no-progress") == 2
@@ -119,6 +121,7 @@ def test_pretrain_cli_then_train_with_frozen_backbone(tmp_path, tiny, capsys):
     trained_ckpt = read_checkpoint(run / "checkpoint.pt")
     prov = trained_ckpt["meta"]["backbone_weights"]  # where the backbone came from travels with the model
     assert prov["path"] == str(bb) and prov["epochs"] == 2 and "detr_lite.pretrain" in prov["command"]
+    assert prov["lr_drop"] == 1 and prov["lr"] == 1e-3
     assert prov["pretrain_wall_time_s"] > 0 and "train_loss_heat" in prov["last_epoch"]
     trained = trained_ckpt["model"]
     for k, v in ckpt["model"].items():  # the frozen backbone is exactly the pretrained one
@@ -148,3 +151,6 @@ def test_backbone_weights_errors(tmp_path, tiny, capsys):
         pretrain_main(["--config", str(cfg_path), "--output", str(tmp_path / "b.pt"), "--epochs", "0"]) == 2
     )
     assert "--epochs: expected >= 1" in capsys.readouterr().err
+    assert pretrain_main(["--config", str(cfg_path), "--output", str(tmp_path / "b.pt"), "--epochs", "2",
+                          "--lr-drop", "3"]) == 2  # fmt: skip
+    assert "--lr-drop: expected 1..--epochs (2), got 3" in capsys.readouterr().err
