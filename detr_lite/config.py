@@ -222,7 +222,9 @@ def _detr_shapes() -> Config:
             dec_layers=3,
             dim_feedforward=512,
             dropout=0.0,
-            num_queries=20,
+            # 10 slots for at most 6 objects per image: each query is matched (trained on an object)
+            # twice as often as with 20, which measurably speeds up learning (data/checkpoints/detr_shapes.md)
+            num_queries=10,
             # official DETR's --pre_norm variant, and a sine code with wavelengths up to 20 (not
             # 10000): on a 7 x 10 grid most of the 10000-temperature channels are nearly constant;
             # both measurably speed up the escape from the constant-prediction plateau
