@@ -15,7 +15,7 @@
 # # 05 · Hungarian matching and the set loss
 #
 # **Learning goal.** DETR does not predict "one box per anchor"; it predicts an unordered *set* of
-# `Q` boxes (here `Q = 20`) and most of them should say "no object". To compute a loss against the
+# `Q` boxes (here `Q = 10`) and most of them should say "no object". To compute a loss against the
 # `n` ground-truth boxes of an image it first decides **which prediction is responsible for which
 # ground-truth box**: a one-to-one *bipartite matching* that minimises a total cost. The seed puts it
 # in one line:
@@ -70,7 +70,7 @@ CKPT = ROOT / "data" / "checkpoints" / "detr_shapes.pt"
 # ## 1. One bundled image, its ground truth, and the trained toy DETR's predictions
 #
 # The shipped checkpoint is a small DETR (ResNet-18 cut after `layer3`, pretrained and then frozen;
-# 3 + 3 pre-norm transformer layers, `d = 128`, 20 queries) trained on the bundled shapes. Its config
+# 3 + 3 pre-norm transformer layers, `d = 128`, 10 queries) trained on the bundled shapes. Its config
 # travels inside the checkpoint, so `load_checkpoint` rebuilds exactly that model. The validation
 # split gives images resized to a small short side (`cfg.data.val_size`, 112 pixels) with targets in
 # the package convention:
@@ -122,18 +122,19 @@ viz.show_boxes(image, gt_xyxy, labels=target["labels"], class_names=names, title
 plt.show()
 
 # %% [markdown]
-# One forward pass gives `Q = 20` predictions: a class distribution over 5 + 1 logits and a box per
+# One forward pass gives `Q = 10` predictions: a class distribution over 5 + 1 logits and a box per
 # query. A well-trained DETR puts most queries' mass on "no object" and a few confident ones on the
 # objects.
 #
-# Our toy checkpoint is a real but imperfect detector. Its card `detr_shapes.md` reports val AP 0.382
-# (AP50 0.596) after 90 CPU epochs on top of a pretrained, frozen backbone: large shapes are found
-# well (APl 0.690), small ones poorly (APs 0.133). On this image (below) the five most confident
-# queries sit on real objects, but not one per object: two claim the big magenta square and two the
-# circle, while the small square is not among them. The model is more sure of "some object here"
-# than of "only one query per object". That makes it a good input for this notebook: the matcher
-# must pick exactly one candidate per object, and the loss then pushes every other query, duplicates
-# included, towards "no object".
+# Our toy checkpoint is a real but imperfect detector. Its card `detr_shapes.md` reports val AP 0.428
+# (AP50 0.660) after 90 CPU epochs on top of a pretrained, frozen backbone: large shapes are found
+# well (APl 0.695), small ones poorly (APs 0.173). On this image (below) 7 of the 10 queries have
+# p(object) > 0.5 for 4 objects. The five most sure of an object sit on all four, but not one per
+# object: two claim the circle (0.99 and 0.90), and the box on the small square is labelled a
+# triangle (p(object) 0.92). The model is more sure of "some object here" than of "only one query
+# per object" or of the class of a small shape. That makes it a good input for this notebook: the
+# matcher must pick exactly one candidate per object, and the loss then pushes every other query,
+# duplicates included, towards "no object".
 
 # %%
 outputs = model(image[None], torch.zeros(1, H, W, dtype=torch.bool))
@@ -300,15 +301,17 @@ for i, j in zip(row, col):
     )
 
 # %% [markdown]
-# For the big square both candidates from the figure above were in the running: the matching took
-# query 19 (C −2.234) and left query 7 (C −1.981) unmatched, although query 7 is the more confident
-# one (p(object) 0.89); query 19's box fits better (lower L1 and GIoU cost). The small square, too,
-# has a second candidate, with p(object) 0.62. That is how DETR learns to do without non-maximum
-# suppression: a second query on the same object is trained to say "no object".
+# For the circle both candidates from the figure above were in the running: the matching took
+# query 8 (C −2.631) and left query 7 (C −2.080, p(object) 0.90) unmatched. The small square went to
+# query 5, the box the figure labels a triangle: its class term is weak (−p −0.073, the probability
+# it gives "square"), but its box fits (L1 0.067, −GIoU −0.385), and its runner-up, query 6, has
+# p(object) 0.46 only. The cross and the big square have no serious rival (runner-up query 4,
+# p(object) 0.16). That is how DETR learns to do without non-maximum suppression: a second query on
+# the same object, like query 7, is trained to say "no object".
 #
 # ### Checking the optimum by brute force
 #
-# With `Q = 20` queries and `n = 4` boxes there are 20·19·18·17 = 116 280 injective assignments —
+# With `Q = 10` queries and `n = 4` boxes there are 10·9·8·7 = 5040 injective assignments —
 # few enough to enumerate them all with numpy and confirm nothing beats the Hungarian answer.
 
 # %%
@@ -444,7 +447,8 @@ assert padded.shape == (B, Q, max(sizes))
 #
 # * **classification `loss_ce`:** every query gets a target class — its matched box's class, or
 #   "no object" (index `K = 6`) for the unmatched ones. Cross-entropy over all `B·Q` queries, but the
-#   no-object class is down-weighted by `eos_coef = 0.1`, since ~90 % of queries are unmatched. With
+#   no-object class is down-weighted by `eos_coef = 0.1`, since most queries are unmatched (24 of
+#   the 30 in our three-image batch; a larger share with COCO's 100 queries). With
 #   class weights, PyTorch's mean is a *weighted* mean: `Σ wᵢ·nllᵢ / Σ wᵢ`.
 # * **box `loss_bbox`:** L1 between matched predicted and ground-truth `cxcywh`, summed and divided by
 #   `num_boxes` (the number of ground-truth boxes in the batch, at least 1; under DDP averaged over
@@ -506,11 +510,12 @@ for k, v in hand.items():
     print(f"{k:20s} {v.item():9.4f}")
 n_predicted = (batch_out["pred_logits"].argmax(-1) != num_classes).sum(1).tolist()
 print("predicted objects per image (argmax is not 'no object'):", n_predicted, "| true boxes:", sizes)
+print(f"matched queries: {sum(sizes)} of {B * Q}; the other {B * Q - sum(sizes)} have the target 'no object'")
 
 # %% [markdown]
-# The `cardinality_error` above is large because the model predicts more objects than there are:
-# the duplicates we met in sections 1 and 3. It is only logged; the `loss_ce` term is what trains
-# the unmatched duplicates towards "no object".
+# The `cardinality_error` above (1.67) is large because the model predicts more objects than there
+# are (7 and 4 for images with 4 and 2 boxes): the duplicates we met in sections 1 and 3. It is only
+# logged; the `loss_ce` term is what trains the unmatched duplicates towards "no object".
 
 # %% [markdown]
 # Now the package criterion, built from the checkpoint's config (class weights 1 / 5 / 2, `eos_coef
@@ -639,7 +644,7 @@ assert torch.allclose(empty_loss["loss_ce"], by_hand_ce, atol=1e-6)
 #
 # * DETR's loss starts with a **one-to-one matching** between `Q` predictions and `n` ground-truth
 #   boxes. The cost of a pair is `1·(−p(class)) + 5·L1(cxcywh) + 2·(−GIoU)`; `linear_sum_assignment`
-#   finds the cheapest assignment exactly (we confirmed it against all 116 280 assignments), and
+#   finds the cheapest assignment exactly (we confirmed it against all 5040 assignments), and
 #   `HungarianMatcher` returns the same indices.
 # * The official batching trick builds one `[B·Q, N]` cost matrix, views it as `[B, Q, N]`, splits
 #   the last axis by the per-image box counts and keeps only the diagonal blocks.
