@@ -138,12 +138,12 @@ fig.tight_layout()
 # ## 2. The starting checkpoint, and what "replace the class head" means
 #
 # A detr_lite checkpoint carries its config. The one shipped with the repository was trained on the
-# bundled shapes with ids 1..5 (val AP 0.382, AP50 0.596; `data/checkpoints/detr_shapes.md`), so its
+# bundled shapes with ids 1..5 (val AP 0.428, AP50 0.660; `data/checkpoints/detr_shapes.md`), so its
 # class head is `Linear(hidden_dim, 6 + 1)`. Everything else —
-# backbone, input projection, transformer, the object queries and the box MLP — knows nothing about
-# class *names* and transfers as is. With an official COCO checkpoint (`OFFICIAL_CHECKPOINT`), the
-# package converts the model-zoo file to a detr_lite checkpoint first (same code as notebook 09's
-# evaluation); its head is `Linear(256, 92)`.
+# backbone, input projection, transformer, the object queries (10 of them) and the box MLP — knows
+# nothing about class *names* and transfers as is. With an official COCO checkpoint
+# (`OFFICIAL_CHECKPOINT`), the package converts the model-zoo file to a detr_lite checkpoint first
+# (same code as notebook 09's evaluation); its head is `Linear(256, 92)`.
 
 # %%
 if OFFICIAL_CHECKPOINT is not None:  # official model-zoo file -> detr_lite checkpoint with a config
@@ -206,11 +206,11 @@ print(f"train_backbone {ft_cfg.model.train_backbone}: {n_bb_train / 1e6:.2f} M o
 # network brings.
 #
 # Be precise about *what* transfers here. The shipped toy checkpoint is a real but modest detector
-# (val AP 0.382 on the shapes; good on large objects, weak on small ones). And the demonstration's
-# "new" classes are the same five generated shapes under new ids and names, so this is the
-# friendliest possible transfer: features and box head already know these objects, only the class
-# head starts from zero. On your own data expect less from this toy start; an official COCO model
-# brings features for real-world objects. The mechanics are identical.
+# (val AP 0.428 on the shapes, below the project's 0.50 goal; good on large objects, weak on small
+# ones). And the demonstration's "new" classes are the same five generated shapes under new ids and
+# names, so this is the friendliest possible transfer: features and box head already know these
+# objects, only the class head starts from zero. On your own data expect less from this toy start;
+# an official COCO model brings features for real-world objects. The mechanics are identical.
 
 # %%
 from detr_lite.models import build_criterion
@@ -221,7 +221,8 @@ scratch_model = build_model(ft_cfg.model)  # same architecture, random initialis
 images, mask, targets = collate_fn([train_ds[i] for i in range(BATCH_SIZE)])
 losses = {}
 with torch.no_grad():
-    for name, m in (("fine-tune start", model), ("random init", scratch_model)):
+    start_model = model  # kept for section 6 (`model` is re-bound to the fine-tuned one there)
+    for name, m in (("fine-tune start", start_model), ("random init", scratch_model)):
         m.eval()
         d = criterion(m(images, mask), targets)
         losses[name] = {k: float(d[k]) for k in ("loss_ce", "loss_bbox", "loss_giou")}
@@ -233,9 +234,9 @@ assert ft["loss_bbox"] < 0.5 * rnd["loss_bbox"] and ft["loss_giou"] < 0.5 * rnd[
 print("transferred weights: box losses less than half of random init's, before any fine-tuning step")
 
 # %% [markdown]
-# The box terms drop several-fold (L1 about 0.08 against 0.57, GIoU loss about 0.13 against 0.70):
-# the matched queries of the loaded model already sit on the objects. `loss_ce` stays at the level
-# of a fresh head in both (about 4.0 against 3.7): nothing about our classes has transferred.
+# The box terms drop several-fold (L1 0.088 against 0.534, GIoU loss 0.141 against 0.647): the
+# matched queries of the loaded model already sit on the objects. `loss_ce` stays at the level of a
+# fresh head in both (3.808 against 3.663): nothing about our classes has transferred.
 
 # %% [markdown]
 # ## 4. Fine-tune with the training CLI
@@ -278,11 +279,12 @@ fig.tight_layout()
 # ## 5. Evaluate with pycocotools
 #
 # `python -m detr_lite.evaluate` rebuilds the model from the fine-tuned checkpoint and runs COCOeval
-# on our val split. After 8 CPU iterations the AP is 0.0: the new class head has only begun to move
-# (see `loss_ce` above), so no confident prediction carries one of *our* category ids yet — COCOeval
-# counts a well-placed box with the wrong label as a miss. Section 6 shows that the boxes themselves
-# are good. Train longer (exercise 4), or the same two commands with an official COCO start on a GPU
-# for tens of epochs: the standard recipe for a custom detector.
+# on our val split. After 8 CPU iterations AP is close to zero (0.007, AP50 0.034; the last line
+# prints them in percent): the new class head has only begun to move (see `loss_ce` above), so the
+# most confident prediction of every val image still carries an id that is not one of *ours*
+# (section 6 counts them) — COCOeval counts a well-placed box with the wrong label as a miss. Section
+# 6 also shows that the boxes themselves are mostly good. Train longer (exercise 4), or the same two
+# commands with an official COCO start on a GPU for tens of epochs: the standard recipe for a custom detector.
 
 # %%
 eval_json = finetuned / "eval.json"
@@ -302,9 +304,10 @@ print(f"fine-tuned AP {100 * metrics['AP']:.1f} (AP50 {100 * metrics['AP50']:.1f
 # The fine-tuned checkpoint is an ordinary detr_lite checkpoint (config included), so loading it
 # needs nothing but the path; labels come back as *your* category ids (or unused ids, drawn as
 # "id N", while the head is still learning). After 8 steps the labels are still wrong: the most
-# confident queries name ids our export does not use ("id N"), at scores of about 0.2-0.5. Their
-# boxes differ from image to image; some sit on single shapes (the large triangle, the disc),
-# others span a group of shapes — the three drawn are the most confident, not the best placed.
+# confident queries name ids our export does not use ("id N"), at scores of about 0.2-0.4 (drawn on
+# the boxes). Their boxes differ from image to image; some sit on single shapes (the green triangle,
+# the large yellow triangle — twice, a duplicate the set loss has not yet suppressed — and the disc),
+# others span a group of shapes: the three drawn are the most confident, not the best placed.
 
 # %%
 from detr_lite.checkpoint import load_checkpoint
@@ -328,8 +331,9 @@ fig.tight_layout()
 
 # %% [markdown]
 # Put a number on "the boxes are good, the labels are not": for every val object, the best IoU of
-# any of the 20 predicted boxes, *ignoring the class*, and the share of objects with IoU ≥ 0.5 —
-# for the fine-tuned model and for the random-init model of section 3.
+# any of the image's predicted boxes (one per query), *ignoring the class*, and the share of objects
+# with IoU ≥ 0.5 — for the fine-tuned model, for the loaded checkpoint before fine-tuning, and for the
+# random-init model of section 3.
 
 # %%
 from torchvision.ops import box_iou
@@ -343,14 +347,26 @@ def class_agnostic_recall(pred_boxes, targets, thr=0.5):
 
 
 with torch.no_grad():
+    start_boxes = start_model(images, mask)["pred_boxes"]
     rnd_boxes = scratch_model(images, mask)["pred_boxes"]
 recall = {"fine-tuned": class_agnostic_recall(outputs["pred_boxes"], targets),
+          "fine-tune start": class_agnostic_recall(start_boxes, targets),
           "random init": class_agnostic_recall(rnd_boxes, targets)}  # fmt: skip
 ours = sum(int(r["labels"][r["scores"].argmax()]) in cats for r in results)
-print(f"{sum(len(t['boxes']) for t in targets)} val objects; recall@IoU 0.5 of any query, class ignored:",
-      {k: round(v, 2) for k, v in recall.items()})  # fmt: skip
+per_image = [len(t["boxes"]) for t in targets]
+print(
+    f"{sum(per_image)} val objects (per image: {per_image}), {outputs['pred_boxes'].shape[1]} queries per image"
+)
+print("recall@IoU 0.5 of any query, class ignored:", {k: round(v, 2) for k, v in recall.items()})
 print(f"images whose most confident query names one of our ids: {ours}/{len(results)}")
-assert recall["fine-tuned"] >= 0.8 and recall["random init"] <= 0.3
+# the transferred boxes find most objects, random weights almost none (measured: 0.72 and 0.08)
+assert recall["fine-tuned"] >= 0.6 and recall["fine-tune start"] >= 0.6 and recall["random init"] <= 0.3
+
+# %% [markdown]
+# About three in four val objects (0.72) have a box of IoU ≥ 0.5 among the 10 queries, against 0.08
+# for random weights. The loaded checkpoint scores the same 0.72 *before* fine-tuning: the boxes are
+# what transferred, and 8 gentle steps have neither improved nor spoiled them. What the short run
+# could not do is name the classes (0 of 6 images have one of our ids on top).
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -371,8 +387,9 @@ assert all(set(r["labels"].tolist()) <= set(range(num_classes)) for r in results
 # * The checkpoint's config decides what trains: the shipped toy model keeps its backbone frozen,
 #   so only projection, transformer, queries and heads move (`TRAIN_BACKBONE` changes that).
 # * Transfer shows up before any step (box losses several times lower than random init). After
-#   8 steps the boxes still find the objects while the fresh class head has not learned the new
-#   ids, so AP is 0: the class head needs the training time.
+#   8 steps the boxes still find about three in four objects (class-agnostic recall 0.72, as before
+#   fine-tuning) while the fresh class head has not learned the new ids, so AP stays near zero
+#   (0.007): the class head needs the training time.
 # * Official COCO weights go through the same path after `load_official_checkpoint` +
 #   `save_checkpoint`; on a GPU, use `--config` of that checkpoint, `--device cuda`, `--amp`.
 #
@@ -383,7 +400,7 @@ assert all(set(r["labels"].tolist()) <= set(range(num_classes)) for r in results
 # 2. Unfreeze the backbone: `TRAIN_BACKBONE = True`. `frozen_bn` stays True, so the official rule
 #    applies: layer2 and layer3 train at `LR_BACKBONE` (this ResNet-18 stops after layer3), while
 #    conv1, layer1 and all BatchNorm statistics stay fixed. Compare speed and AP after the same
-#    epochs (the model card measured ~45 img/s frozen against ~14 img/s trainable for the shapes
+#    epochs (the model card measured 35-45 img/s frozen against ~14 img/s trainable for the shapes
 #    run). With 18 training images, do the extra trainable parameters help?
 # 3. Train the same budget from scratch (the same command without `--finetune`) and compare the
 #    loss curves and AP; then repeat with only 8 training images. The trainer refuses a frozen
