@@ -89,6 +89,10 @@ class TrainConfig:
     amp: bool = False  # CUDA only
     eval_every: int = 1
     log_every: int = 10
+    # 0: a fresh random augmentation of every image every epoch (official). V > 0, frozen backbone
+    # only: a fixed pool of V augmented views per image whose backbone features are computed once
+    # and reused (detr_lite/feature_cache.py): a CPU-budget device, not part of the official recipe
+    cached_views: int = 0
 
 
 @dataclass

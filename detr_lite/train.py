@@ -45,6 +45,7 @@ from detr_lite.engine import (
     evaluate,
     train_one_epoch,
 )
+from detr_lite.feature_cache import CachedViews, check_cacheable
 from detr_lite.utils import (
     AP_KEYS,
     JsonlLog,
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-backbone", type=float, help="learning rate of the backbone")
     p.add_argument("--lr-drop", type=int, help="epoch after which every lr is multiplied by 0.1")
     p.add_argument("--num-workers", type=int, help="DataLoader workers")
+    p.add_argument(
+        "--cached-views",
+        type=int,
+        help="frozen backbone only: a fixed pool of N augmented views per image, features computed once (0: off)",
+    )
     p.add_argument(
         "--num-classes", type=int, help="fix num_classes (default: max category id + 1 of the data)"
     )
@@ -131,6 +137,7 @@ def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
         "lr_drop": (t, "lr_drop"),
         "eval_every": (t, "eval_every"),
         "seed": (t, "seed"),
+        "cached_views": (t, "cached_views"),
         "num_workers": (d, "num_workers"),
         "data": (d, "root"),
         "pretrained_backbone": (m, "pretrained_backbone"),
@@ -332,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = apply_overrides(load_config(args.config), args)
     for split in (cfg.data.train_split, cfg.data.val_split):
         validate_coco_folder(cfg.data.root, split)
+    check_cacheable(cfg)
     if resume_ckpt is None:
         resolve_num_classes(cfg, args.num_classes)
     starts_from_weights = bool(args.finetune or args.backbone_weights)
@@ -395,6 +403,15 @@ def run(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in model.parameters())
 
     ds_train, ds_val, train_loader, val_loader, batches, loader_gen = build_loaders(cfg)
+    cached = None
+    if cfg.train.cached_views > 0:
+        # frozen backbone: a fixed pool of augmented views whose features are computed once (lazily)
+        from detr_lite.data.coco import collate_fn
+
+        cached = CachedViews(ds_train, model.backbone, cfg.train.cached_views, cfg.train.seed, device)
+        batches = EpochSeededBatches(cached, cfg.train.batch_size, cfg.train.seed)
+        # the cache lives in this process, so no loader workers (each would build its own)
+        train_loader = DataLoader(cached, batch_sampler=batches, collate_fn=collate_fn, num_workers=0)
 
     start_epoch, history, wall_before = 0, [], 0.0
     if resume_ckpt is not None:
@@ -425,6 +442,11 @@ def run(args: argparse.Namespace) -> int:
             f"{len(ds_val)} val images; {cfg.train.epochs} epochs x {len(train_loader)} iters, "
             f"batch {cfg.train.batch_size} x {D.get_world_size()} process(es) on {device}"
         )
+        if cached is not None:
+            print(
+                f"train.cached_views {cached.views}: a fixed pool of {cached.views} augmented views per training "
+                "image; the frozen backbone runs once per view (first use), later epochs reuse its features"
+            )
 
     # 3. epochs
     coco_gt = ds_val.coco
@@ -433,6 +455,8 @@ def run(args: argparse.Namespace) -> int:
     for epoch in range(start_epoch, cfg.train.epochs):
         seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
         batches.set_epoch(epoch)
+        if cached is not None:
+            cached.set_epoch(epoch)
         loader_gen.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -442,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
                 model, criterion, train_loader, optimizer, device, epoch,
                 clip_max_norm=cfg.train.clip_max_norm, scaler=scaler, amp_dtype=amp_dtype,
                 channels_last=args.channels_last, max_iters=args.max_iters_per_epoch,
-                log=log.write, progress=progress,
+                log=log.write, progress=progress, features_input=cached is not None,
             )  # fmt: skip
         except NonFiniteLossError as e:
             log.write({"type": "error", "epoch": epoch, "message": str(e)})
@@ -456,6 +480,8 @@ def run(args: argparse.Namespace) -> int:
         record: dict[str, Any] = {"type": "epoch", "epoch": epoch, "train_loss": stats["loss"]}
         record.update({f"train_{k}": v for k, v in stats.items() if k.startswith("loss_") or "error" in k})
         record.update(lr=stats["lr"], train_time_s=stats["train_time_s"], images_per_s=stats["images_per_s"])
+        if cached is not None:
+            record.update(cached_views=cached.computed, cached_mb=cached.cached_bytes() / 2**20)
 
         is_last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.eval_every == 0 or is_last:
