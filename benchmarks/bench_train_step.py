@@ -8,7 +8,10 @@ frozen backbone's share of the forward is timed on the same batches. Two peers i
 
 * frozen backbone forward in float32 vs under CPU bfloat16 autocast (not used by the recipe: bf16
   results differ between CPUs and CI replays notebook outputs; the speed-up needs native bf16 units);
-* images/s of the whole step at batch 4 (the recipe) vs batch 16.
+* images/s of the whole step at batch 4 (the recipe) vs batch 16;
+* the whole step with fresh augmentation + backbone every step vs from cached features
+  (``train.cached_views``, ``detr_lite/feature_cache.py``: the views are computed before timing, as
+  they are after the first epochs of a run; the cache lookup + padding is the "data" stage).
 
 The backbone weights are the shipped checkpoint's (``data/checkpoints/detr_shapes.pt``); no training
 result depends on this script. Run: ``python benchmarks/bench_train_step.py [--steps 60] [--threads 2]``
@@ -91,6 +94,55 @@ def run_steps(batch_size: int, steps: int, warmup: int = 10) -> tuple[dict[str, 
     return {k: v / steps for k, v in sums.items()}, n_images
 
 
+def run_cached_steps(steps: int, views: int, warmup: int = 10) -> dict[str, float]:
+    """Mean seconds per stage of the cached-feature step (``train.cached_views``), batch 4."""
+    from detr_lite.data.coco import collate_fn
+    from detr_lite.feature_cache import CachedViews
+
+    cfg = get_config("detr-shapes")
+    cfg.data.root = str(ROOT / "data" / "shapes")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    load_backbone_weights(model, CKPT)
+    model.train()
+    criterion = build_criterion(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ds_train = build_loaders(cfg)[0]
+    cache = CachedViews(ds_train, model.backbone, views, cfg.train.seed)
+    cache.set_epoch(0)
+    n = warmup + steps
+    order = torch.randperm(len(ds_train), generator=torch.Generator().manual_seed(0))[: 4 * n].tolist()
+    for i in order:  # fill the cache first: timed steps are the steady state of a long run
+        cache[i]
+    sums: dict[str, float] = defaultdict(float)
+    for i in range(n):
+        if i == warmup:
+            sums.clear()
+        t = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            sums[name] += now - t
+            t = now
+
+        feats, mask, targets = collate_fn([cache[j] for j in order[4 * i : 4 * i + 4]])
+        lap("cached features + padding")
+        outputs = model(None, features=(feats, mask))
+        lap("forward (transformer + heads)")
+        loss = weighted_loss(criterion(outputs, targets), criterion.weight_dict)
+        lap("matcher + set loss")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        lap("backward")
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
+        lap("grad clip")
+        optimizer.step()
+        lap("AdamW step")
+    return {k: v / steps for k, v in sums.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=60, help="timed steps per batch size (after 10 warm-up steps)")
@@ -109,6 +161,14 @@ def main():
     fp32, bf16 = stages["(frozen backbone forward alone)"], stages["(same, bf16 autocast)"]
     print(f"frozen backbone forward: fp32 {1000 * fp32:.1f} ms vs bf16 autocast {1000 * bf16:.1f} ms "
           f"({fp32 / bf16:.2f}x)")  # fmt: skip
+    views = get_config("detr-shapes").train.cached_views or 8
+    cached = run_cached_steps(a.steps, views)
+    step_c = sum(cached.values())
+    print(f"cached-feature step (train.cached_views {views}), batch 4, mean of {a.steps} steps:")
+    for name, sec in cached.items():
+        print(f"  {name:42s} {1000 * sec:7.1f} ms  {100 * sec / step_c:5.1f} % of the step")
+    print(f"whole step: fresh augmentation + backbone {1000 * step:.1f} ms vs cached features "
+          f"{1000 * step_c:.1f} ms ({step / step_c:.2f}x)")  # fmt: skip
     stages16, n16 = run_steps(16, max(10, a.steps // 4))
     step16 = sum(v for k, v in stages16.items() if not k.startswith("("))
     print(f"whole step: batch 4 {4 / step:.1f} images/s vs batch 16 {16 / step16:.1f} images/s "

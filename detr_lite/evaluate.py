@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split to evaluate (default: the config's val split, val2017)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the config's batch size")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the config's validation batch size (train.eval_batch_size, else batch_size)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--max-iters", type=int, help="evaluate only the first N batches (smoke test)")
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads")
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
     dataset = build_dataset(cfg.data.root, split, cfg.data, train=False)
     loader = DataLoader(
         dataset,
-        batch_size=args.batch_size or cfg.train.batch_size,
+        batch_size=args.batch_size or cfg.train.val_batch_size,
         sampler=SequentialSampler(dataset),
         collate_fn=collate_fn,
         num_workers=args.num_workers,

@@ -825,6 +825,7 @@ def run_config(arch: str, smoke: bool = False):
         # the COCO workflow has no pretraining step, so its random backbone trains (trainable BatchNorm)
         cfg.model.train_backbone, cfg.model.frozen_bn = True, False
         cfg.train.lr_backbone = cfg.train.lr
+        cfg.train.cached_views = 0  # a trained backbone's features cannot be cached
     cfg.name = arch + ("-smoke" if smoke else "")
     return cfg
 

@@ -234,7 +234,7 @@ def build_loaders(cfg: Config):
     val_sampler = DistributedSampler(ds_val, shuffle=False) if D.is_dist() else SequentialSampler(ds_val)
     val_loader = DataLoader(
         ds_val,
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.train.val_batch_size,
         sampler=val_sampler,
         collate_fn=collate_fn,
         num_workers=workers,
