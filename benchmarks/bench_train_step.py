@@ -161,7 +161,7 @@ def main():
     fp32, bf16 = stages["(frozen backbone forward alone)"], stages["(same, bf16 autocast)"]
     print(f"frozen backbone forward: fp32 {1000 * fp32:.1f} ms vs bf16 autocast {1000 * bf16:.1f} ms "
           f"({fp32 / bf16:.2f}x)")  # fmt: skip
-    views = get_config("detr-shapes").train.cached_views or 8
+    views = 12  # the pool size of the 115-epoch trial run (data/checkpoints/detr_shapes.md)
     cached = run_cached_steps(a.steps, views)
     step_c = sum(cached.values())
     print(f"cached-feature step (train.cached_views {views}), batch 4, mean of {a.steps} steps:")

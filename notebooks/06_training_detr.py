@@ -325,50 +325,6 @@ assert last < first, "the loss should fall during the live run"
 print("loss fell during the live run:", last < first)
 
 # %% [markdown]
-# ### What the recipe does at scale: cache the frozen backbone
-#
-# Every step of the live run pushed four freshly augmented images through the ResNet. But the frozen
-# backbone is a *fixed function*: the same augmented image always gives the same feature map, and that
-# forward is about half of a step (`benchmarks/bench_train_step.py`). The shipped recipe therefore
-# sets `train.cached_views`: each training image gets a fixed pool of views, view `v` of image `i`
-# drawn by the same train transforms from RNGs seeded by `(seed, i, v)`; each epoch picks one view
-# per image; the first time a view is used the backbone runs on it alone and its feature map is kept
-# (`detr_lite.feature_cache.CachedViews`). Later epochs run only the transformer, the heads and the
-# loss, starting from the cached map with `DETR.forward(features=...)`. The price is variety: a pool
-# of views instead of a fresh draw every epoch (with a single fixed view per image the model overfits
-# within a few thousand steps; the card's probe table). Below: the first four views of the image
-# above, which every epoch of every run will see identically.
-
-# %%
-from detr_lite.feature_cache import CachedViews
-
-cache = CachedViews(train_ds, model.backbone, views=cfg.train.cached_views, seed=cfg.train.seed)
-fig, axes = plt.subplots(1, 4, figsize=(9, 2.4), dpi=80)
-for v, ax in enumerate(axes):
-    img, tgt = cache.view(aug_index, v)
-    viz.show_boxes(
-        img, pixels_xyxy(tgt), labels=tgt["labels"], class_names=names, ax=ax, title=f"view {v}: {tuple(img.shape[-2:])}"
-    )
-fig.tight_layout()
-plt.show()
-
-# %%
-# NBVAL_CHECK_OUTPUT
-img, _ = cache.view(aug_index, 0)
-assert torch.equal(img, cache.view(aug_index, 0)[0])  # a view is the same every time it is drawn
-feat, _ = cache.features(aug_index, 0)  # backbone forward, kept for every later epoch
-model.eval()
-with torch.no_grad():
-    from_image = model(img[None], torch.zeros(1, *img.shape[-2:], dtype=torch.bool))
-    from_cache = model(None, features=(feat[None], torch.zeros(1, *feat.shape[-2:], dtype=torch.bool)))
-model.train()
-print(f"pool of {cache.views} views per image; view 0 {tuple(img.shape)} -> cached feature {tuple(feat.shape)}")
-assert feat.shape == (model.backbone.num_channels[-1], -(-img.shape[1] // 16), -(-img.shape[2] // 16))
-box_diff = (from_image["pred_boxes"] - from_cache["pred_boxes"]).abs().max().item()
-assert box_diff < 1e-5
-print("predictions from the cached feature = predictions of the full model on the view (max |diff| < 1e-5)")
-
-# %% [markdown]
 # ## 5. The shipped checkpoint: recipe and training curve
 #
 # Thirty-odd seconds is not enough to detect anything. The repository ships a toy DETR trained by

@@ -147,3 +147,20 @@ def test_cached_training_resumes_exactly_and_reuses_views(tmp_path, tiny_data):
     # 8 images x 2 views: never more than 16 backbone forwards however many epochs, and the count only grows
     assert computed == sorted(computed) and 8 <= computed[0] and computed[-1] <= 16
     assert all(r["cached_mb"] > 0 for r in epochs)
+
+
+def test_eval_batch_size_sets_the_validation_loader(tiny_data):
+    from detr_lite.config import Config
+    from detr_lite.train import build_loaders
+
+    cfg = frozen_cfg(tiny_data, cached_views=2, batch_size=2)
+    assert cfg.train.val_batch_size == 2  # 0: same as the training batch
+    cfg.train.eval_batch_size = 1
+    assert build_loaders(cfg)[3].batch_size == 1
+    # older checkpoints' configs have neither key: both default to off
+    d = cfg.to_dict()
+    del d["train"]["eval_batch_size"], d["train"]["cached_views"]
+    old = Config.from_dict(d)
+    assert old.train.cached_views == 0 and old.train.val_batch_size == 2
+    preset = get_config("detr-shapes").train  # the shipped recipe: fresh augmentation, batched evaluation
+    assert preset.cached_views == 0 and preset.val_batch_size == preset.batch_size

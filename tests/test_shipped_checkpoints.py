@@ -40,7 +40,7 @@ def test_shipped_checkpoint_reproduces_its_logged_ap(name):
     assert logged["epoch"] + 1 == cfg.train.epochs  # the weights are the last epoch's
     val = build_dataset(ROOT / "data" / "shapes", "val2017", cfg.data, train=False)
     # the batch size of the logged evaluation: padding to a batch changes the conv borders slightly
-    loader = DataLoader(val, batch_size=cfg.train.batch_size, collate_fn=collate_fn)
+    loader = DataLoader(val, batch_size=cfg.train.val_batch_size, collate_fn=collate_fn)
     with torch.no_grad():
         live = evaluate(model, build_postprocessor(cfg.model), loader, val.coco, torch.device("cpu"))
     assert live["num_images"] == 150
