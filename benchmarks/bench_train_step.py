@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "data" / "checkpoints" / "detr_shapes.pt"
 
 
-def run_steps(batch_size: int, steps: int, warmup: int = 10) -> tuple[dict[str, float], int]:
-    """Mean seconds per stage over ``steps`` training steps (after ``warmup``), and images seen."""
+def _setup(batch_size: int):
+    """The detr-shapes model on the shipped frozen backbone, its criterion, optimiser and trainable params."""
     cfg = get_config("detr-shapes")
     cfg.data.root = str(ROOT / "data" / "shapes")
     cfg.train.batch_size = batch_size
@@ -51,39 +51,60 @@ def run_steps(batch_size: int, steps: int, warmup: int = 10) -> tuple[dict[str, 
     criterion = build_criterion(cfg.model)
     optimizer = build_optimizer(model, cfg.train)
     params = [p for p in model.parameters() if p.requires_grad]
+    return cfg, model, criterion, optimizer, params
+
+
+class _Laps:
+    """Wall-clock seconds per named stage, summed over steps."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.t = time.perf_counter()
+
+    def start(self) -> None:
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.sums[name] += now - self.t
+        self.t = now
+
+
+def _optimise(lap: _Laps, cfg, model, criterion, optimizer, params, outputs, targets) -> None:
+    """The rest of a training step after the forward: set loss, backward, clip, AdamW (each lapped)."""
+    loss = weighted_loss(criterion(outputs, targets), criterion.weight_dict)
+    lap("matcher + set loss")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    lap("backward")
+    torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
+    lap("grad clip")
+    optimizer.step()
+    lap("AdamW step")
+
+
+def run_steps(batch_size: int, steps: int, warmup: int = 10) -> tuple[dict[str, float], int]:
+    """Mean seconds per stage over ``steps`` training steps (after ``warmup``), and images seen."""
+    cfg, model, criterion, optimizer, params = _setup(batch_size)
     loader = build_loaders(cfg)[2]
+
     def forever():
         while True:  # a new pass (new augmentation) whenever the loader is exhausted
             yield from loader
 
     batches = forever()
-    sums: dict[str, float] = defaultdict(float)
+    lap = _Laps()
     n_images = 0
     for i in range(warmup + steps):
         if i == warmup:
-            sums.clear()
+            lap.sums.clear()
             n_images = 0
-        t = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal t
-            now = time.perf_counter()
-            sums[name] += now - t
-            t = now
-
+        lap.start()
         images, mask, targets = next(batches)
         lap("data + augmentation")
         outputs = model(images, mask)
         lap("forward (backbone + transformer + heads)")
-        loss = weighted_loss(criterion(outputs, targets), criterion.weight_dict)
-        lap("matcher + set loss")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        lap("backward")
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
-        lap("grad clip")
-        optimizer.step()
-        lap("AdamW step")
+        _optimise(lap, cfg, model, criterion, optimizer, params, outputs, targets)
         n_images += images.shape[0]
         with torch.no_grad():  # not part of the step: the frozen backbone's share of the forward
             model.backbone(images, mask)
@@ -91,7 +112,7 @@ def run_steps(batch_size: int, steps: int, warmup: int = 10) -> tuple[dict[str, 
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             model.backbone(images, mask)
         lap("(same, bf16 autocast)")
-    return {k: v / steps for k, v in sums.items()}, n_images
+    return {k: v / steps for k, v in lap.sums.items()}, n_images
 
 
 def run_cached_steps(steps: int, views: int, warmup: int = 10) -> dict[str, float]:
@@ -99,15 +120,7 @@ def run_cached_steps(steps: int, views: int, warmup: int = 10) -> dict[str, floa
     from detr_lite.data.coco import collate_fn
     from detr_lite.feature_cache import CachedViews
 
-    cfg = get_config("detr-shapes")
-    cfg.data.root = str(ROOT / "data" / "shapes")
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    load_backbone_weights(model, CKPT)
-    model.train()
-    criterion = build_criterion(cfg.model)
-    optimizer = build_optimizer(model, cfg.train)
-    params = [p for p in model.parameters() if p.requires_grad]
+    cfg, model, criterion, optimizer, params = _setup(4)
     ds_train = build_loaders(cfg)[0]
     cache = CachedViews(ds_train, model.backbone, views, cfg.train.seed)
     cache.set_epoch(0)
@@ -115,32 +128,17 @@ def run_cached_steps(steps: int, views: int, warmup: int = 10) -> dict[str, floa
     order = torch.randperm(len(ds_train), generator=torch.Generator().manual_seed(0))[: 4 * n].tolist()
     for i in order:  # fill the cache first: timed steps are the steady state of a long run
         cache[i]
-    sums: dict[str, float] = defaultdict(float)
+    lap = _Laps()
     for i in range(n):
         if i == warmup:
-            sums.clear()
-        t = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal t
-            now = time.perf_counter()
-            sums[name] += now - t
-            t = now
-
+            lap.sums.clear()
+        lap.start()
         feats, mask, targets = collate_fn([cache[j] for j in order[4 * i : 4 * i + 4]])
         lap("cached features + padding")
         outputs = model(None, features=(feats, mask))
         lap("forward (transformer + heads)")
-        loss = weighted_loss(criterion(outputs, targets), criterion.weight_dict)
-        lap("matcher + set loss")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        lap("backward")
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
-        lap("grad clip")
-        optimizer.step()
-        lap("AdamW step")
-    return {k: v / steps for k, v in sums.items()}
+        _optimise(lap, cfg, model, criterion, optimizer, params, outputs, targets)
+    return {k: v / steps for k, v in lap.sums.items()}
 
 
 def main():
