@@ -294,7 +294,10 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
         if pts:
             a2.plot(*zip(*pts), "o-", label=key)
     a2.set(xlabel="epoch", ylabel="COCO AP", title="val AP", ylim=(0, 1))
-    a2.legend()
+    if a2.lines:  # no evaluation yet (eval_every > 1): an empty panel, no legend warning
+        a2.legend()
+    else:
+        a2.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=a2.transAxes, color="0.5")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
