@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split to evaluate (default: the config's val split, val2017)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument(
+        "--val-size", type=int,
+        help="short side of the evaluated images (default: the config's data.val_size; 800 for official files)",
+    )  # fmt: skip
+    p.add_argument("--val-max-size", type=int, help="longest side cap (default: the config's data.val_max_size)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's validation batch size (train.eval_batch_size, else batch_size)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--max-iters", type=int, help="evaluate only the first N batches (smoke test)")
@@ -79,6 +84,14 @@ def run(args: argparse.Namespace) -> dict:
         del ckpt
     if args.data:
         cfg.data.root = args.data
+    for name in ("val_size", "val_max_size"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: expected a positive number of pixels, got {value}")
+            setattr(cfg.data, name, value)
+    if cfg.data.val_max_size < cfg.data.val_size:
+        raise ValueError(f"--val-max-size {cfg.data.val_max_size} is below --val-size {cfg.data.val_size}")
     split = args.split or cfg.data.val_split
     validate_coco_folder(cfg.data.root, split)
 
@@ -112,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     title = (
         f"COCO bbox AP of {args.checkpoint} on {cfg.data.root}/{split} "
-        f"({metrics['num_images']} images, {metrics['num_detections']} detections):"
+        f"({metrics['num_images']} images at short side {cfg.data.val_size}, {metrics['num_detections']} detections):"
     )
     print(format_ap_table(metrics, title=title))
     if args.json:
@@ -121,6 +134,8 @@ def run(args: argparse.Namespace) -> dict:
             "official_arch": args.official_arch,
             "data": cfg.data.root,
             "split": split,
+            "val_size": cfg.data.val_size,
+            "val_max_size": cfg.data.val_max_size,
             **metrics,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per process and step")
     p.add_argument("--lr", type=float, help="learning rate of the transformer and heads")
     p.add_argument("--lr-backbone", type=float, help="learning rate of the backbone")
-    p.add_argument("--lr-drop", type=int, help="epoch after which every lr is multiplied by 0.1")
+    p.add_argument(
+        "--lr-drop", type=int,
+        help="epoch after which every lr is multiplied by 0.1 (with --resume: allowed while no drop has happened)",
+    )  # fmt: skip
     p.add_argument("--num-workers", type=int, help="DataLoader workers")
     p.add_argument(
         "--cached-views",
@@ -336,6 +339,16 @@ def run(args: argparse.Namespace) -> int:
         for name in ("epochs", "num_workers", "eval_every"):  # the only settings a resume may change
             if getattr(args, name) is not None:
                 setattr(cfg.train if name != "num_workers" else cfg.data, name, getattr(args, name))
+        if args.lr_drop is not None and args.lr_drop != cfg.train.lr_drop:
+            # a new drop epoch (as Deformable DETR's resume allows): exact only while neither the old
+            # nor the new schedule has dropped yet, so the resumed run equals a fresh run with it
+            done = int(resume_ckpt["epoch"])
+            if min(args.lr_drop, cfg.train.lr_drop) <= done:
+                raise ValueError(
+                    f"--lr-drop {args.lr_drop} with --resume: {ckpt_path} has finished {done} epochs with "
+                    f"lr_drop {cfg.train.lr_drop}; both drops must come after epoch {done}"
+                )
+            cfg.train.lr_drop = args.lr_drop
         if args.data is not None:
             cfg.data.root = args.data
     else:
@@ -421,6 +434,7 @@ def run(args: argparse.Namespace) -> int:
         load_state_dict_checked(model, resume_ckpt["model"], source=str(ckpt_path))
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         lr_scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
+        lr_scheduler.step_size = max(1, cfg.train.lr_drop)  # --lr-drop may have moved it (checked above)
         if scaler is not None and "scaler" in resume_ckpt:
             scaler.load_state_dict(resume_ckpt["scaler"])
         set_rng_state(resume_ckpt["rng"])

@@ -180,6 +180,16 @@ def test_smoke_train_then_evaluate(tmp_path, tiny_data):
     # the same checkpoint evaluated by the trainer at the end of its epoch gives the same AP
     for k in AP_KEYS:
         assert metrics[k] == pytest.approx(ep[k], abs=1e-9), k
+    assert metrics["val_size"] == 128 and "at short side 128" in r.stdout  # the preset's val size
+
+    # another evaluation size (the card's table of val sizes): only the val transform changes
+    from detr_lite import evaluate
+
+    js96 = tmp_path / "eval96.json"
+    assert evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--val-size", "96", "--val-max-size", "144",
+                          "--json", str(js96), "--no-progress"]) == 0  # fmt: skip
+    m96 = json.loads(js96.read_text())
+    assert (m96["val_size"], m96["val_max_size"], m96["num_images"]) == (96, 144, 4)
 
 
 def _iter_losses(out: Path) -> list[tuple[int, int, float]]:
@@ -205,6 +215,25 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, tiny_config, caps
     sa = read_checkpoint(straight / "checkpoint.pt")["model"]
     sb = read_checkpoint(resumed / "checkpoint.pt")["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_with_a_new_lr_drop_equals_a_fresh_run_with_it(tmp_path, tiny_config, capsys):
+    """``--resume --lr-drop N`` (shorten or lengthen a schedule before its drop) == a fresh run with N."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ("--config", str(tiny_config), "--no-progress", "--device", "cpu", "--num-workers", "0")
+    assert train_main(*common, "--epochs", "3", "--lr-drop", "2", "--output", str(straight)) == 0
+    assert train_main(*common, "--epochs", "1", "--output", str(resumed)) == 0  # lr_drop 100 in the config
+    # the drop must still be ahead of the finished epochs: a one-line error, nothing written
+    assert train_main(*common, "--epochs", "3", "--lr-drop", "1", "--output", str(resumed), "--resume") == 2
+    err = capsys.readouterr().err
+    assert "--lr-drop 1 with --resume" in err and "finished 1 epochs" in err and len(err.strip().splitlines()) == 1
+    assert train_main(*common, "--epochs", "3", "--lr-drop", "2", "--output", str(resumed), "--resume") == 0
+    assert _iter_losses(straight) == _iter_losses(resumed)
+    ea = [r for r in read_jsonl(straight / "log.jsonl") if r["type"] == "epoch"]
+    eb = [r for r in read_jsonl(resumed / "log.jsonl") if r["type"] == "epoch"]
+    assert [r["lr"] for r in ea] == [r["lr"] for r in eb] == pytest.approx([1e-4, 1e-4, 1e-5])
+    ckpt = read_checkpoint(resumed / "checkpoint.pt")
+    assert ckpt["config"]["train"]["lr_drop"] == 2 and ckpt["lr_scheduler"]["step_size"] == 2
 
 
 def test_kill_9_mid_epoch_then_resume(tmp_path, tiny_config):
@@ -345,6 +374,12 @@ def test_evaluate_cli_errors(tmp_path, capsys):
     torch.save({"model": {"w": torch.zeros(1)}}, official)
     assert evaluate.main(["--checkpoint", str(official)]) == 2
     assert "--official-arch" in capsys.readouterr().err
+    shipped = ["--checkpoint", str(SHIPPED_DETR)]
+    assert evaluate.main([*shipped, "--val-size", "0"]) == 2
+    assert "--val-size: expected a positive number of pixels, got 0" in capsys.readouterr().err
+    assert evaluate.main([*shipped, "--val-size", "200"]) == 2  # above the config's val_max_size 192
+    err = capsys.readouterr().err
+    assert "--val-max-size 192 is below --val-size 200" in err and len(err.strip().splitlines()) == 1
 
 
 def test_evaluate_official_model_zoo_file(tmp_path, tiny_data, capsys):
@@ -366,7 +401,7 @@ def test_evaluate_official_model_zoo_file(tmp_path, tiny_data, capsys):
     code = evaluate.main([*args, "--batch-size", "1", "--max-iters", "1", "--json", str(js), "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "|    AP |  AP50 |" in out and "(1 images, 100 detections)" in out
+    assert "|    AP |  AP50 |" in out and "(1 images at short side 800, 100 detections)" in out
     metrics = json.loads(js.read_text())
     assert metrics["official_arch"] == "detr_r50" and metrics["num_detections"] == 100
     assert evaluate.main(["--checkpoint", str(path), "--official-arch", "detr_r50"]) == 2
