@@ -165,22 +165,23 @@ for ax, (r, c) in zip(axes, [(3, 4), (10, 15), (17, 27)]):
 # ### The temperature on a small grid
 #
 # The wavelengths run from 2π up to 2π·T (T = 10000 officially). On COCO's ~25×38 grids that is fine,
-# but the toy model's grid is only about 7×10 cells: with T = 10000 most of the 64 frequencies per
-# axis barely change across the whole grid, so they carry almost no position. The `detr-shapes`
-# preset sets `pe_temperature = 20` (as Conditional and DAB-DETR do), which keeps every channel
-# informative. Count the channels whose value moves by more than 0.1 across a 7×10 grid:
+# but the toy model's grid has at most 8×12 cells (short side at most 128 px, long side at most 192,
+# stride 16): with T = 10000 most of the 64 frequencies per axis barely change across the whole grid,
+# so they carry almost no position. The `detr-shapes` preset sets `pe_temperature = 20` (as
+# Conditional and DAB-DETR do), which keeps every channel informative. Count the channels whose value
+# moves by more than 0.1 across a 7×10 grid (a middle training scale, the grid the model card quotes)
+# and across the 8×12 grid of the largest training scale, which is also the validation size:
 
 # %%
 # NBVAL_CHECK_OUTPUT
-small_grid = torch.zeros(1, 7, 10, dtype=torch.bool)
 moving = {}
-for temperature in (10000, 20):
-    code = PositionEmbeddingSine(64, temperature=temperature)(small_grid)[0]  # d = 128 as in the toy model
-    moving[temperature] = int(((code.amax((1, 2)) - code.amin((1, 2))) > 0.1).sum())
-    print(
-        f"T = {temperature:5d}: {moving[temperature]:3d} of {code.shape[0]} channels vary by > 0.1 over a 7x10 grid"
-    )
-assert moving[20] > 2 * moving[10000]
+for gh, gw in [(7, 10), (8, 12)]:
+    small_grid = torch.zeros(1, gh, gw, dtype=torch.bool)
+    for temperature in (10000, 20):
+        code = PositionEmbeddingSine(64, temperature=temperature)(small_grid)[0]  # d = 128, the toy's
+        moving[gh, gw, temperature] = n = int(((code.amax((1, 2)) - code.amin((1, 2))) > 0.1).sum())
+        print(f"T = {temperature:5d}: {n:3d} of {code.shape[0]} channels vary by > 0.1 over a {gh}x{gw} grid")
+    assert moving[gh, gw, 20] > 2 * moving[gh, gw, 10000]
 
 # %% [markdown]
 # ## 2. One encoder layer, from primitives
@@ -370,7 +371,9 @@ assert torch.allclose(out_seq.transpose(0, 1), attn_out, atol=1e-5)
 # `detr_lite.transformer.capture_attention(model)` is a context manager: inside it, every attention
 # layer also records its weights `[B, heads, Lq, Lk]` under its module name. We use the toy DETR
 # configuration of the bundled data (`detr-shapes`: ResNet-18 cut after `layer3`, so stride 16 and
-# 256 channels; d = 128; 3 + 3 layers; 10 queries) and a validation image at the validation resolution.
+# 256 channels; d = 128; 3 + 3 layers; 10 queries) and a validation image at the validation resolution:
+# short side 128 px, the largest training scale (official DETR likewise evaluates at its largest
+# training scale, 800), so this 128×192 image becomes an 8×12 grid of 96 tokens.
 
 # %%
 cfg = get_config("detr-shapes")
@@ -456,7 +459,8 @@ fig = show_encoder_attention(model, "untrained")
 # Now the **trained** toy DETR, `data/checkpoints/detr_shapes.pt`. Its card
 # (`data/checkpoints/detr_shapes.md`) has the recipe and the numbers: a ResNet-18 backbone pretrained
 # on the training split with a dense pretext and then frozen, 90 epochs of DETR training on two CPU
-# cores, val AP 0.428 (AP50 0.660; large objects APl 0.695, small ones APs 0.173). Its encoder is the
+# cores. Evaluated at validation short side 128 (the largest training scale) it has val AP 0.459
+# (AP50 0.719, AP75 0.497; large objects APl 0.737, small ones APs 0.234). Its encoder is the
 # **pre-norm** variant with sine temperature **T = 20**, not the post-norm layer with T = 10000 we
 # built above (both are options of the same code: `pre_norm`, `pe_temperature`).
 
@@ -466,16 +470,15 @@ fig = show_encoder_attention(trained, "trained")
 
 # %% [markdown]
 # Training has changed the maps. Whichever cell asks, the brightest spots now sit in the lower half
-# of the image, at the circle and the small square (the cells on the large cross and the large
-# square also light up the top-right corner). The cells on the two small objects put about 3× the
-# uniform share on their own box (the diagonal: 3.4 on the circle, 3.0 on the small square; 0.09
-# against 0.03 and 0.04 against 0.01), yet most of their attention still lies elsewhere. And the
-# table shows that this is not (only) each cell looking at its own object: the small square's cell
-# puts even more on the circle's box (4.1×) than on its own, and the cells on the large cross and
-# square put 2.2–3.2× the uniform share on the two small boxes. On this image the strongest weights
-# mark "where the small shapes are", whichever cell asks. For the two large objects the own-box
-# shares stay near uniform (1.1× and 0.9×): the cross's box covers more than half of the grid, so
-# this measure cannot tell much there.
+# of the image, at the circle (and just left of it) and the small square; the top-right corner gets a
+# little too. The cells on the two small objects put 3–4× the uniform share on their own box (the
+# diagonal: 3.1 on the circle, 4.2 on the small square; 0.13 against 0.04 and 0.04 against 0.01),
+# yet most of their attention still lies elsewhere. And the table shows that this is not (only) each
+# cell looking at its own object: the small square's cell puts about as much on the circle's box
+# (4.5×) as on its own, and the cells on the large cross and square put 2.2–3.5× the uniform share on
+# the two small boxes. On this image the strongest weights mark "where the small shapes are",
+# whichever cell asks. For the two large objects the own-box shares stay near uniform (1.1× and
+# 0.9×): the cross's box covers about two thirds of the grid, so this measure cannot tell much there.
 #
 # One image is an anecdote. The same measure over the objects of the first 40 validation images,
 # split by how much of the grid an object's box covers, untrained versus trained. To separate
@@ -519,17 +522,17 @@ for label, m in [("untrained", model), ("trained", trained)]:
             f"{label:9} {group:18} ({int(sel.sum()):2d} objects): own cell {o:.3f}  any cell {a:.3f}"
             f"  uniform {u:.3f} | own/uniform {o / u:.2f}  own/any {o / a:.2f}"
         )
-assert ratio["trained", "box < 20% of grid"] > 1.3  # measured 1.59: clearly more than uniform
-assert ratio["trained", "box < 20% of grid", "any"] > 1.3  # measured 1.68: more than an average cell
+assert ratio["trained", "box < 20% of grid"] > 1.3  # measured 1.62: clearly more than uniform
+assert ratio["trained", "box < 20% of grid", "any"] > 1.3  # measured 1.73: more than an average cell
 assert ratio["untrained", "box < 20% of grid"] < 1.2  # measured 1.01: about uniform
 
 # %% [markdown]
 # For the smaller objects, the trained encoder's cell at an object's centre puts about 1.6× the
-# uniform share of its attention on that object's box (0.128 against 0.080), while an average cell
-# of the same image puts about the uniform share there (0.076). So over many images the extra
+# uniform share of its attention on that object's box (0.125 against 0.077), while an average cell
+# of the same image puts about the uniform share there (0.072). So over many images the extra
 # attention on a small object's box comes from the object's own cell, not from every cell looking at
 # the small shapes, as image 3 alone might suggest. The untrained encoder shows neither (1.01 and
-# 1.00). For the large objects the trained own-cell share stays close to uniform (1.04). So the
+# 1.00). For the large objects the trained own-cell share stays close to uniform (1.03). So the
 # encoder has learned some *per-object* grouping, but far less than a converged DETR, where a cell
 # on an object attends to that object's own extent (Fig. 3 of the DETR paper). Part of the object
 # knowledge may already sit in the frozen, pretrained backbone features; and dense attention, spread
@@ -549,16 +552,18 @@ assert ratio["untrained", "box < 20% of grid"] < 1.2  # measured 1.01: about uni
 #   computation transposed.
 # * The **key padding mask** sets padded keys' scores to −∞: they get weight exactly 0 and nothing
 #   written in padding reaches real tokens.
-# * The **temperature** T sets the slowest wavelength. On the toy model's 7×10 grid only 49 of 128
-#   channels vary by more than 0.1 with the official T = 10000, 122 with T = 20 (the toy preset's).
+# * The **temperature** T sets the slowest wavelength. On the toy model's 7×10 to 8×12 grids only 49
+#   of 128 channels vary by more than 0.1 with the official T = 10000, 122 with T = 20 (the toy
+#   preset's).
 # * Our from-primitives versions equal `PositionEmbeddingSine` and `TransformerEncoderLayer`, in
 #   both arrangements: **post-norm** `norm(x + f(x))` (DETR's default) and **pre-norm**
 #   `x + f(norm(x))` (`--pre_norm`, the toy preset), whose residual stream is never normalised.
 # * `capture_attention` records every attention map without hooks. In the trained toy DETR (pre-norm,
-#   T = 20, AP 0.428) cells on smaller objects put about 1.6× the uniform share of their attention
-#   on their own box, where an average cell puts about the uniform share: measured, not eyeballed,
-#   with `viz.attention_mass_in_boxes`. Most of it still goes elsewhere (on one image, every cell's
-#   brightest spots were on the small shapes): far from the per-object maps of a converged DETR.
+#   T = 20, AP 0.459 at validation short side 128) cells on smaller objects put about 1.6× the
+#   uniform share of their attention on their own box, where an average cell puts about the uniform
+#   share: measured, not eyeballed, with `viz.attention_mass_in_boxes`. Most of it still goes
+#   elsewhere (on one image, every cell's brightest spots were on the small shapes): far from the
+#   per-object maps of a converged DETR.
 #
 # ## Exercises
 #

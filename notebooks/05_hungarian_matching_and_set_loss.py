@@ -72,10 +72,10 @@ CKPT = ROOT / "data" / "checkpoints" / "detr_shapes.pt"
 # The shipped checkpoint is a small DETR (ResNet-18 cut after `layer3`, pretrained and then frozen;
 # 3 + 3 pre-norm transformer layers, `d = 128`, 10 queries) trained on the bundled shapes. Its config
 # travels inside the checkpoint, so `load_checkpoint` rebuilds exactly that model. The validation
-# split gives images resized to a small short side (`cfg.data.val_size`, 112 pixels) with targets in
-# the package convention:
-# **normalised `cxcywh` boxes** and raw COCO category ids (1..5 here; id 0 is unused and the last
-# logit, index 6, means "no object").
+# split gives images resized to a small short side (`cfg.data.val_size`, 128 pixels: the largest of
+# the training scales 96-128, just as official DETR trains at 480-800 and evaluates at 800) with
+# targets in the package convention: **normalised `cxcywh` boxes** and raw COCO category ids (1..5
+# here; id 0 is unused and the last logit, index 6, means "no object").
 
 # %%
 model, cfg, ckpt = load_checkpoint(CKPT)
@@ -126,15 +126,16 @@ plt.show()
 # query. A well-trained DETR puts most queries' mass on "no object" and a few confident ones on the
 # objects.
 #
-# Our toy checkpoint is a real but imperfect detector. Its card `detr_shapes.md` reports val AP 0.428
-# (AP50 0.660) after 90 CPU epochs on top of a pretrained, frozen backbone: large shapes are found
-# well (APl 0.695), small ones poorly (APs 0.173). On this image (below) 7 of the 10 queries have
-# p(object) > 0.5 for 4 objects. The five most sure of an object sit on all four, but not one per
-# object: two claim the circle (0.99 and 0.90), and the box on the small square is labelled a
-# triangle (p(object) 0.92). The model is more sure of "some object here" than of "only one query
-# per object" or of the class of a small shape. That makes it a good input for this notebook: the
-# matcher must pick exactly one candidate per object, and the loss then pushes every other query,
-# duplicates included, towards "no object".
+# Our toy checkpoint is a real but imperfect detector. Evaluated at that short side 128,
+# `python -m detr_lite.evaluate` (and its card `detr_shapes.md`) gives val AP 0.459 (AP50 0.719,
+# AP75 0.497) after 90 CPU epochs on top of a pretrained, frozen backbone: large shapes are found
+# well (APl 0.737), small ones poorly (APs 0.234). On this image (below) 7 of the 10 queries have
+# p(object) > 0.5 for 4 objects. The five most sure of an object sit on all four, each with the
+# right class, but not one per object: two claim the circle (q8 and q7, p(object) 0.98 and 0.89),
+# and two more confident queries (q2 and q1, 0.75 and 0.74) are not even drawn. The model is more
+# sure of "some object here" than of "only one query per object". That makes it a good input for
+# this notebook: the matcher must pick exactly one candidate per object, and the loss then pushes
+# every other query, duplicates included, towards "no object".
 
 # %%
 outputs = model(image[None], torch.zeros(1, H, W, dtype=torch.bool))
@@ -155,7 +156,12 @@ prob = logits.softmax(-1)  # [Q, K+1]
 p_object = 1 - prob[:, -1]
 print(f"p(object) per query: min {p_object.min().item():.2f}, max {p_object.max().item():.2f}")
 print(f"queries with p(object) > 0.5: {int((p_object > 0.5).sum())} for {len(target['labels'])} objects")
-keep = p_object.argsort(descending=True)[:5]  # the five queries most sure they hold an object
+order = p_object.argsort(descending=True)
+print(
+    "by p(object):",
+    ", ".join(f"q{int(q)} {names[int(prob[q, :-1].argmax())]} {p_object[q]:.2f}" for q in order),
+)
+keep = order[:5]  # the five queries most sure they hold an object
 ax = viz.show_boxes(
     image,
     to_pixels_xyxy(boxes[keep], H, W),
@@ -301,13 +307,17 @@ for i, j in zip(row, col):
     )
 
 # %% [markdown]
-# For the circle both candidates from the figure above were in the running: the matching took
-# query 8 (C −2.631) and left query 7 (C −2.080, p(object) 0.90) unmatched. The small square went to
-# query 5, the box the figure labels a triangle: its class term is weak (−p −0.073, the probability
-# it gives "square"), but its box fits (L1 0.067, −GIoU −0.385), and its runner-up, query 6, has
-# p(object) 0.46 only. The cross and the big square have no serious rival (runner-up query 4,
-# p(object) 0.16). That is how DETR learns to do without non-maximum suppression: a second query on
-# the same object, like query 7, is trained to say "no object".
+# For the circle both candidates from the figure above were in the running, and the matching took
+# the *less* confident one: query 7 (C −2.604), whose box fits almost exactly (L1 0.017, −GIoU
+# −0.907), and left query 8 (C −2.428, p(object) 0.98 against query 7's 0.89) unmatched. The cost
+# scores class and box together, so a tighter box can outweigh a surer class; here the more
+# confident duplicate is the one the loss will train towards "no object". The small square went to
+# query 5 (−p −0.852, L1 0.045, −GIoU −0.696); its runner-up, query 2 (C −1.098, p(object) 0.75), is
+# a second guess at the same square. The cross and the big square have no serious rival:
+# each one's runner-up is the query matched to the other (query 9 at C +3.580 for the square, query
+# 0 at C +4.160 for the cross), confident only about its own object. That is how DETR learns to do
+# without non-maximum suppression: a second query on the same object, like query 8 or query 2 here,
+# is trained to say "no object".
 #
 # ### Checking the optimum by brute force
 #
