@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from detr_lite.backbone import Backbone
 from detr_lite.config import Config
+from detr_lite.utils import seed_everything
 
 HEAT_MIN_SIGMA_PX = 4.0
 LTRB_WEIGHT = 5.0
@@ -159,7 +160,9 @@ def pretrain_backbone(
     _, _, train_loader, val_loader, batches, _ = build_loaders(cfg)
     history = []
     for epoch in range(epochs):
-        torch.manual_seed(cfg.train.seed + epoch)
+        # every RNG the augmentation draws from (RandomSizeCrop uses Python's random, as the official
+        # code does): the same seed and data give the same backbone, run after run
+        seed_everything(cfg.train.seed + epoch)
         batches.set_epoch(epoch)
         for group in opt.param_groups:
             group["lr"] = lr if lr_drop is None or epoch < lr_drop else lr * 0.1
@@ -287,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         validate_coco_folder(cfg.data.root, split)
     resolve_num_classes(cfg, None)
     out = Path(args.output)
-    torch.manual_seed(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     t0 = time.perf_counter()
 
     def log(rec: dict[str, float]) -> None:
