@@ -1,17 +1,22 @@
-"""Where one training step of the toy DETR (``detr-shapes``) spends its time, and two levers.
+"""Where one training step of the toy DETR (``detr-shapes``) spends its time, and its levers.
 
 The shipped recipe trains DETR on a *frozen* pretrained backbone; its 60-minute budget on a 2-core
 CPU is spent in ~25k of these steps, so a faster step means more epochs. The step is split into its
 stages (data loading + augmentation in the main process, forward, matcher + set loss, backward,
 gradient clipping, AdamW), each timed with a wall clock over ``--steps`` steps after a warm-up; the
-frozen backbone's share of the forward is timed on the same batches. Two peers in the same run:
+backbone's share of the forward is timed (without gradients) on the same batches. Peers in the same
+run:
 
-* frozen backbone forward in float32 vs under CPU bfloat16 autocast (not used by the recipe: bf16
-  results differ between CPUs and CI replays notebook outputs; the speed-up needs native bf16 units);
+* the recipe's step (backbone frozen) vs the same step with layer2-3 fine-tuned at lr / 10, as
+  official DETR fine-tunes its ImageNet ResNet (slower per step; in a full-length trial it learned
+  faster per epoch: data/checkpoints/detr_shapes.md);
+* backbone forward in float32 vs under CPU bfloat16 autocast (not used by the recipe: bf16 results
+  differ between CPUs and CI replays notebook outputs; the speed-up needs native bf16 units);
 * images/s of the whole step at batch 4 (the recipe) vs batch 16;
-* the whole step with fresh augmentation + backbone every step vs from cached features
-  (``train.cached_views``, ``detr_lite/feature_cache.py``: the views are computed before timing, as
-  they are after the first epochs of a run; the cache lookup + padding is the "data" stage).
+* the frozen-backbone step with fresh augmentation + backbone every step vs from cached features
+  (``train.cached_views``, ``detr_lite/feature_cache.py``, which needs a frozen backbone: the views
+  are computed before timing, as they are after the first epochs of a run; the cache lookup +
+  padding is the "data" stage).
 
 The backbone weights are the shipped checkpoint's (``data/checkpoints/detr_shapes.pt``); no training
 result depends on this script. Run: ``python benchmarks/bench_train_step.py [--steps 60] [--threads 2]``
@@ -39,11 +44,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "data" / "checkpoints" / "detr_shapes.pt"
 
 
-def _setup(batch_size: int):
-    """The detr-shapes model on the shipped frozen backbone, its criterion, optimiser and trainable params."""
+def _setup(batch_size: int, train_backbone: bool | None = None):
+    """The detr-shapes model on the shipped backbone weights (``train_backbone``: override the preset's
+    choice; with FrozenBatchNorm2d, True trains layer2-3), its criterion, optimiser and trainable params."""
     cfg = get_config("detr-shapes")
     cfg.data.root = str(ROOT / "data" / "shapes")
     cfg.train.batch_size = batch_size
+    if train_backbone is not None:
+        cfg.model.train_backbone = train_backbone
+        if train_backbone and cfg.train.lr_backbone <= 0:
+            cfg.train.lr_backbone = cfg.train.lr / 10  # the official ratio
     torch.manual_seed(0)
     model = build_model(cfg.model)
     load_backbone_weights(model, CKPT)
@@ -83,9 +93,9 @@ def _optimise(lap: _Laps, cfg, model, criterion, optimizer, params, outputs, tar
     lap("AdamW step")
 
 
-def run_steps(batch_size: int, steps: int, warmup: int = 10) -> tuple[dict[str, float], int]:
+def run_steps(batch_size: int, steps: int, warmup: int = 10, train_backbone: bool | None = None) -> tuple[dict[str, float], int]:
     """Mean seconds per stage over ``steps`` training steps (after ``warmup``), and images seen."""
-    cfg, model, criterion, optimizer, params = _setup(batch_size)
+    cfg, model, criterion, optimizer, params = _setup(batch_size, train_backbone)
     loader = build_loaders(cfg)[2]
 
     def forever():
@@ -106,9 +116,9 @@ def run_steps(batch_size: int, steps: int, warmup: int = 10) -> tuple[dict[str, 
         lap("forward (backbone + transformer + heads)")
         _optimise(lap, cfg, model, criterion, optimizer, params, outputs, targets)
         n_images += images.shape[0]
-        with torch.no_grad():  # not part of the step: the frozen backbone's share of the forward
+        with torch.no_grad():  # not part of the step: the backbone's share of the forward
             model.backbone(images, mask)
-        lap("(frozen backbone forward alone)")
+        lap("(backbone forward alone, no grad)")
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             model.backbone(images, mask)
         lap("(same, bf16 autocast)")
@@ -120,7 +130,7 @@ def run_cached_steps(steps: int, views: int, warmup: int = 10) -> dict[str, floa
     from detr_lite.data.coco import collate_fn
     from detr_lite.feature_cache import CachedViews
 
-    cfg, model, criterion, optimizer, params = _setup(4)
+    cfg, model, criterion, optimizer, params = _setup(4, train_backbone=False)
     ds_train = build_loaders(cfg)[0]
     cache = CachedViews(ds_train, model.backbone, views, cfg.train.seed)
     cache.set_epoch(0)
@@ -147,7 +157,7 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the recipe uses 2)")
     a = p.parse_args()
     if not CKPT.is_file():
-        raise SystemExit(f"{CKPT}: shipped checkpoint not found (it provides the frozen backbone)")
+        raise SystemExit(f"{CKPT}: shipped checkpoint not found (it provides the backbone weights)")
     torch.set_num_threads(a.threads)
     stages, n4 = run_steps(4, a.steps)
     step = sum(v for k, v in stages.items() if not k.startswith("("))
@@ -156,17 +166,24 @@ def main():
         share = "" if name.startswith("(") else f"{100 * sec / step:5.1f} % of the step"
         print(f"  {name:42s} {1000 * sec:7.1f} ms  {share}")
     print(f"  {'step total':42s} {1000 * step:7.1f} ms  -> {4 / step:.1f} images/s")
-    fp32, bf16 = stages["(frozen backbone forward alone)"], stages["(same, bf16 autocast)"]
-    print(f"frozen backbone forward: fp32 {1000 * fp32:.1f} ms vs bf16 autocast {1000 * bf16:.1f} ms "
+    fp32, bf16 = stages["(backbone forward alone, no grad)"], stages["(same, bf16 autocast)"]
+    print(f"backbone forward (no grad): fp32 {1000 * fp32:.1f} ms vs bf16 autocast {1000 * bf16:.1f} ms "
           f"({fp32 / bf16:.2f}x)")  # fmt: skip
+    recipe_trains = get_config("detr-shapes").model.train_backbone
+    names = {False: "backbone frozen", True: "layer2-3 fine-tuned"}
+    stages_o, _ = run_steps(4, a.steps, train_backbone=not recipe_trains)
+    step_o = sum(v for k, v in stages_o.items() if not k.startswith("("))
+    print(f"whole step, batch 4: {names[recipe_trains]} (the recipe) {1000 * step:.1f} ms vs "
+          f"{names[not recipe_trains]} {1000 * step_o:.1f} ms ({step_o / step:.2f}x the recipe's time)")  # fmt: skip
     views = 12  # the pool size of the 115-epoch trial run (data/checkpoints/detr_shapes.md)
+    step_frozen = step_o if recipe_trains else step
     cached = run_cached_steps(a.steps, views)
     step_c = sum(cached.values())
     print(f"cached-feature step (train.cached_views {views}), batch 4, mean of {a.steps} steps:")
     for name, sec in cached.items():
         print(f"  {name:42s} {1000 * sec:7.1f} ms  {100 * sec / step_c:5.1f} % of the step")
-    print(f"whole step: fresh augmentation + backbone {1000 * step:.1f} ms vs cached features "
-          f"{1000 * step_c:.1f} ms ({step / step_c:.2f}x)")  # fmt: skip
+    print(f"frozen-backbone step: fresh augmentation + backbone {1000 * step_frozen:.1f} ms vs cached features "
+          f"{1000 * step_c:.1f} ms ({step_frozen / step_c:.2f}x)")  # fmt: skip
     stages16, n16 = run_steps(16, max(10, a.steps // 4))
     step16 = sum(v for k, v in stages16.items() if not k.startswith("("))
     print(f"whole step: batch 4 {4 / step:.1f} images/s vs batch 16 {16 / step16:.1f} images/s "
