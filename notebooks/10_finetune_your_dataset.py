@@ -406,8 +406,9 @@ assert all(set(r["labels"].tolist()) <= set(range(num_classes)) for r in results
 # 2. Unfreeze the backbone: `TRAIN_BACKBONE = True`. `frozen_bn` stays True, so the official rule
 #    applies: layer2 and layer3 train at `LR_BACKBONE` (this ResNet-18 stops after layer3), while
 #    conv1, layer1 and all BatchNorm statistics stay fixed. Compare speed and AP after the same
-#    epochs (the model card measured 35-45 img/s frozen against ~14 img/s trainable for the shapes
-#    run). With 18 training images, do the extra trainable parameters help?
+#    epochs (for the shapes run, `benchmarks/bench_train_step.py` measured a layer2-3 step at
+#    1.3-1.4x a frozen one, and over a whole run it learned faster per epoch; the model card has the
+#    curves). With 18 training images, do the extra trainable parameters help?
 # 3. Train the same budget from scratch (the same command without `--finetune`) and compare the
 #    loss curves and AP; then repeat with only 8 training images. The trainer refuses a frozen
 #    backbone that starts random, so set `train_backbone = True` *and* `frozen_bn = False` in the
