@@ -1,15 +1,15 @@
 """Where one training step of the toy DETR (``detr-shapes``) spends its time, and its levers.
 
-The shipped recipe trains DETR on a *frozen* pretrained backbone; its 60-minute budget on a 2-core
-CPU is spent in ~25k of these steps, so a faster step means more epochs. The step is split into its
+The shipped recipe trains DETR on a pretrained backbone whose layer2-3 it fine-tunes; its run is
+~25k of these steps (90 epochs), so a faster step means more epochs in the same time. The step is split into its
 stages (data loading + augmentation in the main process, forward, matcher + set loss, backward,
 gradient clipping, AdamW), each timed with a wall clock over ``--steps`` steps after a warm-up; the
 backbone's share of the forward is timed (without gradients) on the same batches. Peers in the same
 run:
 
-* the recipe's step (backbone frozen) vs the same step with layer2-3 fine-tuned at lr / 10, as
-  official DETR fine-tunes its ImageNet ResNet (slower per step; in a full-length trial it learned
-  faster per epoch: data/checkpoints/detr_shapes.md);
+* the recipe's step (layer2-3 fine-tuned, as official DETR fine-tunes its ImageNet ResNet) vs the
+  same step with the whole backbone frozen (the previous recipe: ~1.3x faster per step, but it
+  learned far more slowly per epoch: data/checkpoints/detr_shapes.md);
 * backbone forward in float32 vs under CPU bfloat16 autocast (not used by the recipe: bf16 results
   differ between CPUs and CI replays notebook outputs; the speed-up needs native bf16 units);
 * images/s of the whole step at batch 4 (the recipe) vs batch 16;
