@@ -820,9 +820,10 @@ def run_config(arch: str, smoke: bool = False):
     cfg = get_config(smoke_preset if smoke else coco_preset)
     for k, v in flags.items():  # the COCO presets already carry them; the small CPU one does not
         setattr(cfg.model, k, v)
-    if smoke and not cfg.model.train_backbone:
-        # the toy preset freezes a backbone pretrained by python -m detr_lite.pretrain; a smoke run of
-        # the COCO workflow has no pretraining step, so its random backbone trains (trainable BatchNorm)
+    if smoke and (not cfg.model.train_backbone or cfg.model.frozen_bn):
+        # the toy DETR preset starts from a backbone pretrained by python -m detr_lite.pretrain and keeps
+        # parts of it frozen (FrozenBatchNorm2d, conv1, layer1); a smoke run of the COCO workflow has no
+        # pretraining step, so its random backbone trains whole (trainable BatchNorm)
         cfg.model.train_backbone, cfg.model.frozen_bn = True, False
         cfg.train.lr_backbone = cfg.train.lr
         cfg.train.cached_views = 0  # a trained backbone's features cannot be cached

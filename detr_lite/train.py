@@ -361,17 +361,21 @@ def run(args: argparse.Namespace) -> int:
     starts_from_weights = bool(args.finetune or args.backbone_weights)
     if args.backbone_weights and resume_ckpt is None and not Path(args.backbone_weights).is_file():
         raise ValueError(f"--backbone-weights {args.backbone_weights}: file not found")
-    if (
-        resume_ckpt is None
-        and not cfg.model.train_backbone
-        and not cfg.model.pretrained_backbone
-        and not starts_from_weights
-    ):
-        # a frozen backbone that was never trained would stay random for the whole run
-        raise ValueError(
-            f"config {cfg.name}: the backbone is frozen (model.train_backbone false) but starts random; "
-            "pass --backbone-weights FILE (see python -m detr_lite.pretrain), --finetune FILE or --pretrained-backbone"
+    if resume_ckpt is None and not cfg.model.pretrained_backbone and not starts_from_weights:
+        # frozen backbone parts that were never trained would stay random for the whole run: the whole
+        # backbone when it is frozen, else (FrozenBatchNorm2d: the official rule) conv1, layer1 and BN
+        frozen = (
+            "the backbone is frozen (model.train_backbone false)"
+            if not cfg.model.train_backbone
+            else "conv1, layer1 and every BatchNorm are frozen (model.frozen_bn true)"
+            if cfg.model.frozen_bn
+            else None
         )
+        if frozen:
+            raise ValueError(
+                f"config {cfg.name}: {frozen} and would stay random; pass --backbone-weights FILE "
+                "(see python -m detr_lite.pretrain), --finetune FILE or --pretrained-backbone"
+            )
     if cfg.model.pretrained_backbone and resume_ckpt is None and not starts_from_weights:
         # a run that asked for ImageNet weights must not silently train from a random backbone:
         # a one-line error naming the cache path (or --no-pretrained-backbone) before anything heavy

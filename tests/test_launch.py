@@ -420,7 +420,7 @@ def test_run_configs_match_the_official_variants(tmp_path):
     assert two.model.with_box_refine and two.model.two_stage and two.model.num_queries == 300
     smoke = launch.run_config("deformable_detr_r50_two_stage", smoke=True)
     assert smoke.model.two_stage and smoke.model.backbone == "resnet18"
-    # the toy DETR preset freezes a pretrained backbone; a smoke run has none, so its backbone trains
+    # the toy DETR preset freezes parts of a pretrained backbone; a smoke run has none, so it all trains
     smoke_detr = launch.run_config("detr_r50", smoke=True)
     assert smoke_detr.model.train_backbone and not smoke_detr.model.frozen_bn
     assert smoke_detr.train.lr_backbone == smoke_detr.train.lr > 0

@@ -113,6 +113,15 @@ def test_pretrain_cli_then_train_with_frozen_backbone(tmp_path, tiny, capsys):
     assert train_main("--config", str(frozen_path), "--output", str(tmp_path / "x"), "--no-progress") == 2
     err = capsys.readouterr().err
     assert "backbone is frozen" in err and "--backbone-weights" in err and len(err.strip().splitlines()) == 1
+    # so is a fine-tuned backbone whose frozen stem (FrozenBatchNorm2d: conv1, layer1, BN) would stay random
+    stem = json.loads(frozen_path.read_text())
+    stem["model"]["train_backbone"] = True
+    stem_path = frozen_path.with_name("tiny_frozen_stem.json")
+    stem_path.write_text(json.dumps(stem))
+    assert train_main("--config", str(stem_path), "--output", str(tmp_path / "y"), "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "conv1, layer1 and every BatchNorm are frozen" in err and "--backbone-weights" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "y").exists()
 
     run = tmp_path / "run"
     rc = train_main(

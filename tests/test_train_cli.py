@@ -129,7 +129,7 @@ def tiny_config(tmp_path_factory, tiny_data) -> Path:
 
 # --------------------------------------------------------------------------------------------
 def test_smoke_train_then_evaluate(tmp_path, tiny_data):
-    """The real detr-shapes preset (its frozen backbone from the shipped checkpoint), 1 epoch, 2 iterations;
+    """The real detr-shapes preset (backbone from the shipped checkpoint, layer2-3 trainable), 1 epoch, 2 iterations;
     every output file; evaluate CLI."""
     out = tmp_path / "run"
     r = run_cli(
