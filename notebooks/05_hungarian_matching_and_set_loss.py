@@ -69,8 +69,9 @@ CKPT = ROOT / "data" / "checkpoints" / "detr_shapes.pt"
 # %% [markdown]
 # ## 1. One bundled image, its ground truth, and the trained toy DETR's predictions
 #
-# The shipped checkpoint is a small DETR (ResNet-18 cut after `layer3`, pretrained and then frozen;
-# 3 + 3 pre-norm transformer layers, `d = 128`, 10 queries) trained on the bundled shapes. Its config
+# The shipped checkpoint is a small DETR (ResNet-18 cut after `layer3`, pretrained, with `layer2` and
+# `layer3` fine-tuned during DETR training; 3 + 3 pre-norm transformer layers, `d = 128`, 10 queries)
+# trained on the bundled shapes. Its config
 # travels inside the checkpoint, so `load_checkpoint` rebuilds exactly that model. The validation
 # split gives images resized to a small short side (`cfg.data.val_size`, 128 pixels: the largest of
 # the training scales 96-128, just as official DETR trains at 480-800 and evaluates at 800) with
@@ -127,12 +128,13 @@ plt.show()
 # objects.
 #
 # Our toy checkpoint is a real but imperfect detector. Evaluated at that short side 128,
-# `python -m detr_lite.evaluate` (and its card `detr_shapes.md`) gives val AP 0.459 (AP50 0.719,
-# AP75 0.497) after 90 CPU epochs on top of a pretrained, frozen backbone: large shapes are found
-# well (APl 0.737), small ones poorly (APs 0.234). On this image (below) 7 of the 10 queries have
-# p(object) > 0.5 for 4 objects. The five most sure of an object sit on all four, each with the
-# right class, but not one per object: two claim the circle (q8 and q7, p(object) 0.98 and 0.89),
-# and two more confident queries (q2 and q1, 0.75 and 0.74) are not even drawn. The model is more
+# `python -m detr_lite.evaluate` (and its card `detr_shapes.md`) gives val AP 0.504 (AP50 0.758,
+# AP75 0.568) after 90 CPU epochs on top of a pretrained backbone whose `layer2` and `layer3` it
+# fine-tunes: large shapes are found well (APl 0.777), small ones poorly (APs 0.271). On this image
+# (below) 8 of the 10 queries have p(object) > 0.5 for 4 objects. The five most sure of an object sit
+# on all four, each with the right class, but not one per object: two claim the circle (q4 and q0,
+# p(object) 0.99 and 0.92), and three more confident queries (q7, q3 and q5, 0.87, 0.86 and 0.81)
+# are not even drawn. The model is more
 # sure of "some object here" than of "only one query per object". That makes it a good input for
 # this notebook: the matcher must pick exactly one candidate per object, and the loss then pushes
 # every other query, duplicates included, towards "no object".
@@ -308,16 +310,17 @@ for i, j in zip(row, col):
 
 # %% [markdown]
 # For the circle both candidates from the figure above were in the running, and the matching took
-# the *less* confident one: query 7 (C −2.604), whose box fits almost exactly (L1 0.017, −GIoU
-# −0.907), and left query 8 (C −2.428, p(object) 0.98 against query 7's 0.89) unmatched. The cost
-# scores class and box together, so a tighter box can outweigh a surer class; here the more
-# confident duplicate is the one the loss will train towards "no object". The small square went to
-# query 5 (−p −0.852, L1 0.045, −GIoU −0.696); its runner-up, query 2 (C −1.098, p(object) 0.75), is
-# a second guess at the same square. The cross and the big square have no serious rival:
-# each one's runner-up is the query matched to the other (query 9 at C +3.580 for the square, query
-# 0 at C +4.160 for the cross), confident only about its own object. That is how DETR learns to do
-# without non-maximum suppression: a second query on the same object, like query 8 or query 2 here,
-# is trained to say "no object".
+# the *less* confident one: query 0 (C −2.585), whose box fits almost exactly (L1 0.018, −GIoU
+# −0.881), and left query 4 (C −2.570, p(object) 0.99 against query 0's 0.92) unmatched, by a
+# margin of only 0.015. The cost scores class and box together, so a tighter box can outweigh a
+# surer class; here the more confident duplicate is the one the loss will train towards "no object".
+# The big square went to query 2 (−p −0.913, L1 0.061, −GIoU −0.811); its runner-up, query 7
+# (C −2.149, p(object) 0.87), is a second guess at the same square, close behind. The small square
+# went to query 9 (−p −0.718, L1 0.038, −GIoU −0.643); its runner-up, query 5 (C −1.110, p(object)
+# 0.81), is a second guess at it too. Only the cross has no serious rival: its runner-up is query 2
+# at C +3.592, the query matched to the big square, confident only about its own object. That is how
+# DETR learns to do without non-maximum suppression: a second query on the same object, like query
+# 4, 7 or 5 here, is trained to say "no object".
 #
 # ### Checking the optimum by brute force
 #
@@ -524,7 +527,8 @@ print(f"matched queries: {sum(sizes)} of {B * Q}; the other {B * Q - sum(sizes)}
 
 # %% [markdown]
 # The `cardinality_error` above (1.67) is large because the model predicts more objects than there
-# are (7 and 4 for images with 4 and 2 boxes): the duplicates we met in sections 1 and 3. It is only
+# are (8 and 3 for images with 4 and 2 boxes): the duplicates and other extra confident queries we
+# met in sections 1 and 3. It is only
 # logged; the `loss_ce` term is what trains the unmatched duplicates towards "no object".
 
 # %% [markdown]
