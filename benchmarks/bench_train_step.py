@@ -8,8 +8,8 @@ backbone's share of the forward is timed (without gradients) on the same batches
 run:
 
 * the recipe's step (layer2-3 fine-tuned, as official DETR fine-tunes its ImageNet ResNet) vs the
-  same step with the whole backbone frozen (the previous recipe: ~1.3x faster per step, but it
-  learned far more slowly per epoch: data/checkpoints/detr_shapes.md);
+  same step with the whole backbone frozen (the previous recipe: 1.3-1.75x faster per step depending
+  on the host, but it learned far more slowly per epoch: data/checkpoints/detr_shapes.md);
 * backbone forward in float32 vs under CPU bfloat16 autocast (not used by the recipe: bf16 results
   differ between CPUs and CI replays notebook outputs; the speed-up needs native bf16 units);
 * images/s of the whole step at batch 4 (the recipe) vs batch 16;
