@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from detr_lite.backbone import Backbone
+from detr_lite.backbone import _STAGES, Backbone
 from detr_lite.config import Config
 from detr_lite.utils import seed_everything
 
@@ -143,14 +143,17 @@ def pretrain_backbone(
     log=None,
     lr_drop: int | None = None,
     progress: bool = True,
+    layer: str | None = None,
 ) -> tuple[Backbone, list[dict[str, float]]]:
     """Train ``cfg``'s backbone (from scratch, all stages) on the pretext for ``epochs`` passes over the
     training split, with the toy training augmentation; returns the backbone and per-epoch metrics
-    (train and val pretext losses). ``lr_drop``: from that epoch (0-based) on, the lr is ``lr / 10``."""
+    (train and val pretext losses). ``lr_drop``: from that epoch (0-based) on, the lr is ``lr / 10``.
+    ``layer``: the stage the dense head sits on (default: the last of ``cfg.model.backbone_layers``); a
+    DETR cut earlier loads this trunk's stages up to its own last one (``load_backbone_weights``)."""
     from detr_lite.train import build_loaders
 
     model_cfg = cfg.model
-    layers = (tuple(model_cfg.backbone_layers) or ("layer4",))[-1:]
+    layers = (layer,) if layer else (tuple(model_cfg.backbone_layers) or ("layer4",))[-1:]
     backbone = Backbone(
         model_cfg.backbone, return_layers=layers, train_backbone=True, frozen_bn=False,
         dilation=model_cfg.dilation, pretrained=False,
@@ -207,7 +210,9 @@ def pretrain_backbone(
 
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> str:
     """Load the ``backbone.*`` tensors of ``path`` (a pretrain checkpoint, or any DETR checkpoint) into
-    ``model.backbone``; any missing or differently shaped backbone tensor is a one-line error."""
+    ``model.backbone``; any missing or differently shaped backbone tensor is a one-line error. Stages after
+    this backbone's last one (a trunk pretrained deeper than the DETR's cut) are left out and counted in
+    the returned message."""
     from detr_lite.checkpoint import describe_mismatch, read_checkpoint, state_dict_mismatch
 
     ckpt = read_checkpoint(path)
@@ -215,6 +220,15 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> str:
     if not sd:
         raise ValueError(f"--backbone-weights {path}: no 'backbone.*' tensors in its 'model' state dict")
     own = model.backbone.state_dict()
+    # a trunk pretrained deeper than this backbone's cut (the pretext through layer3, a DETR on layer2):
+    # the stages after this backbone's last one are not part of it (IntermediateLayerGetter drops them)
+    def stage(key: str) -> str:  # "body.layer2.0.conv1.weight" -> "layer2"
+        parts = key.split(".")
+        return parts[1] if len(parts) > 2 and parts[0] == "body" else ""
+
+    last = max((_STAGES.index(stage(k)) for k in own if stage(k) in _STAGES), default=len(_STAGES) - 1)
+    unused = [k for k in sd if stage(k) in _STAGES[last + 1 :]]
+    sd = {k: v for k, v in sd.items() if k not in unused}
     # trainable BatchNorm counts its batches; FrozenBatchNorm2d (same other buffers) has no counter
     sd = {k: v for k, v in sd.items() if k in own or not k.endswith("num_batches_tracked")}
     missing, unexpected, mismatched = state_dict_mismatch(model.backbone, sd)
@@ -226,7 +240,11 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> str:
     model.backbone.load_state_dict(
         {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sd.items()}
     )
-    return f"loaded backbone weights from {path} ({len(sd)} tensors)"
+    msg = f"loaded backbone weights from {path} ({len(sd)} tensors)"
+    if unused:
+        stages = sorted({stage(k) for k in unused}, key=_STAGES.index)
+        msg += f"; {len(unused)} tensors of {', '.join(stages)} not used (this backbone stops after {_STAGES[last]})"
+    return msg
 
 
 def backbone_provenance(path: str | os.PathLike) -> dict[str, Any]:
@@ -260,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-drop", type=int,
         help="epochs at --lr, then --lr / 10 for the rest (default: --epochs, i.e. no drop)",
     )  # fmt: skip
+    p.add_argument(
+        "--layer", choices=_STAGES,
+        help="backbone stage the pretext head sits on (default: the config's last backbone layer); "
+        "a deeper one than the DETR's cut is fine: DETR loads the stages up to its own last",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, help="images per step (default: the config's)")
     p.add_argument("--max-iters-per-epoch", type=int, help="smoke mode: stop each pass after N batches")
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads")
@@ -289,6 +312,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--config {args.config}: pretraining supports arch 'detr', got {cfg.model.arch!r}")
     for split in (cfg.data.train_split, cfg.data.val_split):
         validate_coco_folder(cfg.data.root, split)
+    cut = (tuple(cfg.model.backbone_layers) or ("layer4",))[-1]
+    if args.layer is not None and _STAGES.index(args.layer) < _STAGES.index(cut):
+        raise ValueError(
+            f"--layer {args.layer}: shallower than the config's backbone, which goes up to {cut}; "
+            f"DETR would find its {cut} untrained"
+        )
     resolve_num_classes(cfg, None)
     out = Path(args.output)
     seed_everything(cfg.train.seed)
@@ -310,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
         log=log,
         progress=not args.no_progress,
         lr_drop=args.lr_drop,
+        layer=args.layer,
     )
     wall = time.perf_counter() - t0
     holder = nn.Module()

@@ -166,6 +166,47 @@ def test_backbone_weights_errors(tmp_path, tiny, capsys):
     assert "--lr-drop: expected 1..--epochs (2), got 3" in capsys.readouterr().err
 
 
+def test_pretext_deeper_than_the_detr_cut(tmp_path, tiny, capsys):
+    """``--layer layer3`` under a config cut after layer2: the pretext trains the trunk through layer3,
+    and a DETR on layer2 takes its stem, layer1 and layer2 bit for bit and leaves layer3 out (said so);
+    a pretext shallower than the DETR's cut is refused before any training."""
+    _, cfg_path, _ = tiny
+    cut = json.loads(cfg_path.read_text())
+    cut["model"]["backbone_layers"] = ["layer2"]
+    cut_path = tmp_path / "cut.json"
+    cut_path.write_text(json.dumps(cut))
+    bb = tmp_path / "deep.pt"
+    args = ["--config", str(cut_path), "--output", str(bb), "--epochs", "1", "--max-iters-per-epoch", "2",
+            "--no-progress"]  # fmt: skip
+    assert pretrain_main([*args, "--layer", "layer3"]) == 0
+    sd = read_checkpoint(bb)["model"]
+    assert any(".layer3." in k for k in sd) and not any(".layer4." in k for k in sd)
+    from detr_lite.config import Config
+
+    model = build_model(Config.from_dict(cut).model)
+    msg = load_backbone_weights(model, bb)
+    n3 = sum(".layer3." in k for k in sd)
+    assert f"{n3} tensors of layer3 not used (this backbone stops after layer2)" in msg
+    own = model.backbone.state_dict()
+    assert not any(".layer3." in k for k in own)
+    for k, v in own.items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, sd["backbone." + k].to(v.dtype)), k
+    # the other way round: a layer3 DETR cannot start from a pretext that stopped at layer2
+    capsys.readouterr()
+    assert pretrain_main(["--config", str(cfg_path), "--output", str(tmp_path / "s.pt"), "--epochs", "1",
+                          "--layer", "layer2"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--layer layer2: shallower than the config's backbone, which goes up to layer3" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "s.pt").exists()
+    shallow = tmp_path / "shallow.pt"
+    assert pretrain_main(["--config", str(cut_path), "--output", str(shallow), "--epochs", "1",
+                          "--max-iters-per-epoch", "1", "--no-progress"]) == 0  # fmt: skip
+    deep_model = build_model(Config.from_dict(json.loads(cfg_path.read_text())).model)
+    with pytest.raises(ValueError, match=r"shallow.pt: does not fit this backbone: .*missing.*layer3"):
+        load_backbone_weights(deep_model, shallow)
+
+
 def test_pretrain_is_reproducible(tmp_path, tiny):
     """Same config and seed -> the same backbone, bit for bit (every RNG of the augmentation is seeded:
     the random crop draws from Python's ``random``, the rest from torch)."""
