@@ -11,7 +11,13 @@ Official DETR details reproduced here:
   starts from ImageNet weights; a from-scratch backbone uses ordinary trainable ``BatchNorm2d``.
 * Only ``layer2``, ``layer3`` and ``layer4`` are trained; ``conv1``/``bn1``/``layer1`` stay fixed
   (a from-scratch backbone with trainable BatchNorm trains every stage: its stem is random).
-* DC5 ("dilated C5") replaces the stride of ``layer4`` by a dilation: stride 16 instead of 32.
+* DC5 ("dilated C5") replaces the stride of ``layer4`` by a dilation: stride 16 instead of 32. In general
+  ``dilation`` dilates the *last* stage in ``return_layers`` (``layer4`` for every official model; ``layer3``
+  for a toy trunk cut after layer3: stride 8 instead of 16). Bottleneck ResNets use torchvision's
+  ``replace_stride_with_dilation``; basic-block ResNets (18/34), which torchvision refuses to dilate, get
+  the same "a trous" rewrite by hand: the stage's strided convolutions take stride 1, and every 3x3
+  convolution after them dilation 2, so the map is the undilated one sampled twice as densely (its even
+  rows and columns are exactly the undilated output).
 * Speed, same maths: each frozen BN is folded into the convolution before it (``ConvFrozenBN2d``), so
   ``body.conv1`` alone already applies ``bn1`` and ``body.bn1`` passes its input through; the sequence
   ``conv1 -> bn1`` still gives the torchvision result (up to float rounding). Convolutions run channels-last.
@@ -101,6 +107,24 @@ def _fold_frozen_bn(resnet: nn.Module) -> None:
                 fold(block.downsample, "0", "1")
 
 
+def _dilate_basic_stage(stage: nn.Sequential) -> None:
+    """Replace the stride 2 of a basic-block stage by dilation 2 ("a trous"), in place.
+
+    Block 0 samples at stride 2 in ``conv1`` and its ``downsample``; both take stride 1, and every 3x3
+    convolution that runs on the (now twice as dense) output of that stride, ``conv2`` of block 0 and both
+    convolutions of the later blocks, takes dilation 2 and padding 2. The result at the even rows and
+    columns equals the undilated stage's output exactly (zero padding included), so pretrained weights
+    keep their meaning.
+    """
+    first = stage[0]
+    first.conv1.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+    convs = [first.conv2] + [conv for block in list(stage)[1:] for conv in (block.conv1, block.conv2)]
+    for conv in convs:
+        conv.dilation, conv.padding = (2, 2), (2, 2)
+
+
 def validate_images_and_mask(images: Tensor, mask: Tensor | None) -> None:
     """Raise a one-line ``ValueError`` unless ``images`` is ``[B, 3, H, W]`` and ``mask`` is ``[B, H, W]``
     bool (or None)."""
@@ -168,15 +192,18 @@ class Backbone(nn.Module):
                 f"return_layers: expected a non-empty subset of {_STAGES}, got {tuple(return_layers)}"
             )
         basic = name in ("resnet18", "resnet34")
-        if dilation and basic:
-            raise ValueError(
-                f"ModelConfig.dilation: DC5 needs a bottleneck ResNet (resnet50/101), got {name!r}"
-            )
+        order = sorted(return_layers, key=_STAGES.index)
+        dilated = order[-1] if dilation else None  # DC5 generalised: the last stage used
+        if dilated == "layer1":
+            raise ValueError("ModelConfig.dilation: the last backbone stage is layer1, which has no stride to dilate")
 
         norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        replace = [dilated == stage for stage in _STAGES[1:]]
         resnet = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer
+            weights=None, replace_stride_with_dilation=[False] * 3 if basic else replace, norm_layer=norm_layer
         )
+        if basic and dilated:
+            _dilate_basic_stage(getattr(resnet, dilated))
         self.pretrained_loaded = _load_imagenet_weights(resnet, name) if pretrained else False
         if frozen_bn:
             _fold_frozen_bn(resnet)  # faster, same maths: see ConvFrozenBN2d
@@ -189,12 +216,14 @@ class Backbone(nn.Module):
             keep = train_backbone and pname.split(".")[0] in stages
             param.requires_grad_(keep)
 
-        order = sorted(return_layers, key=_STAGES.index)
         self.return_layers = tuple(order)
         self.body = IntermediateLayerGetter(resnet, return_layers={layer: layer for layer in order})
 
         width = [64, 128, 256, 512] if basic else [256, 512, 1024, 2048]
-        stride = [4, 8, 16, 16 if dilation else 32]
+        stride = [4, 8, 16, 32]
+        if dilated:
+            i = _STAGES.index(dilated)
+            stride[i] = stride[i - 1]
         self.num_channels = [width[_STAGES.index(layer)] for layer in order]
         self.strides = [stride[_STAGES.index(layer)] for layer in order]
 

@@ -19,7 +19,7 @@ class ModelConfig:
     num_classes: int = 91  # COCO ids used raw: max id + 1 (softmax models add one no-object logit)
     # backbone
     backbone: str = "resnet50"
-    dilation: bool = False  # DC5: replace stride with dilation in layer4
+    dilation: bool = False  # DC5: replace the stride of the last backbone stage used (layer4) by a dilation
     pretrained_backbone: bool = False  # ImageNet weights via torchvision's weights API
     frozen_bn: bool = True  # FrozenBatchNorm2d (pretrained); False -> trainable BatchNorm2d
     train_backbone: bool = True  # if False, the whole backbone is frozen

@@ -36,8 +36,32 @@ def test_dc5_and_multiscale_strides():
     with torch.no_grad():
         outs = bb(torch.randn(1, 3, 64, 96))
     assert [tuple(f.shape) for f, _ in outs] == [(1, 512, 8, 12), (1, 1024, 4, 6), (1, 2048, 4, 6)]
-    with pytest.raises(ValueError, match="DC5 needs a bottleneck ResNet"):
-        Backbone("resnet18", dilation=True)
+    # the dilated stage is the last one used: a trunk cut after layer3 dilates layer3 (stride 8)
+    bb3 = Backbone("resnet50", return_layers=("layer3",), dilation=True).eval()
+    assert bb3.strides == [8] and bb3.body.layer3[1].conv2.dilation == (2, 2)
+    with pytest.raises(ValueError, match="last backbone stage is layer1"):
+        Backbone("resnet18", return_layers=("layer1",), dilation=True)
+
+
+@pytest.mark.parametrize("name, cut", [("resnet18", "layer3"), ("resnet18", "layer4"), ("resnet34", "layer2")])
+def test_dilated_basic_block_stage_is_a_trous(name, cut):
+    """torchvision refuses to dilate BasicBlock; ours does it by hand, and exactly: the dilated map's even
+    rows and columns are the undilated map (same weights, zero padding included), at twice the density."""
+    torch.manual_seed(0)
+    plain = Backbone(name, return_layers=(cut,)).eval()
+    dil = Backbone(name, return_layers=(cut,), dilation=True).eval()
+    dil.load_state_dict(plain.state_dict())
+    i = ("layer2", "layer3", "layer4").index(cut)
+    assert plain.strides == [(8, 16, 32)[i]] and dil.strides == [(4, 8, 16)[i]]
+    x = torch.randn(2, 3, 70, 94)  # odd feature sizes on the way down
+    mask = torch.zeros(2, 70, 94, dtype=torch.bool)
+    mask[1, :, 60:] = True
+    with torch.no_grad():
+        ((f, m),) = plain(x, mask)
+        ((fd, md),) = dil(x, mask)
+    assert fd[..., ::2, ::2].shape == f.shape and fd.shape[-1] > f.shape[-1]  # twice as dense
+    torch.testing.assert_close(fd[..., ::2, ::2], f, rtol=1e-4, atol=1e-5)
+    assert md.shape == fd.shape[:1] + fd.shape[-2:]
 
 
 def test_mask_nearest_downsampling(r18):
