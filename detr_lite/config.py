@@ -229,7 +229,7 @@ def _detr_shapes() -> Config:
             # are conv1 + layer1; layer2-3 are fine-tuned, at a backbone lr of lr / 2 (train below).
             # Fine-tuned, a step costs ~1.4x a fully frozen one but learns much faster per epoch
             # (data/checkpoints/detr_shapes.md: frozen 0.360, layer2-3 at lr / 10 0.378, at lr / 2
-            # 0.504 AP on the same pretext backbone).
+            # 0.504 AP on one pretext backbone, v10 / v12 / v13; the shipped run, 0.549).
             frozen_bn=True,
             train_backbone=True,
             hidden_dim=128,
@@ -259,7 +259,7 @@ def _detr_shapes() -> Config:
         data=dataclasses.replace(_SHAPES_SMALL_IMAGES, val_size=128),
         # Backbone lr 1e-4 = lr / 2, not the official lr / 10: the official ratio protects ImageNet
         # features, while our pretext features need reshaping for detection (lr / 10 ended at AP
-        # 0.378, lr / 2 at 0.504 on the same backbone). (train.cached_views, a fixed pool of
+        # 0.378, lr / 2 at 0.504 on the same backbone: v12 / v13). (train.cached_views, a fixed pool of
         # augmented views with cached features, needs a frozen backbone and overfit this small
         # training split when tried: 115 epochs on 12 views ended at AP 0.37; the card.)
         train=TrainConfig(lr=2e-4, lr_backbone=1e-4, epochs=90, lr_drop=78, batch_size=4, eval_every=5),

@@ -128,12 +128,12 @@ plt.show()
 # objects.
 #
 # Our toy checkpoint is a real but imperfect detector. Evaluated at that short side 128,
-# `python -m detr_lite.evaluate` (and its card `detr_shapes.md`) gives val AP 0.504 (AP50 0.758,
-# AP75 0.568) after 90 CPU epochs on top of a pretrained backbone whose `layer2` and `layer3` it
-# fine-tunes: large shapes are found well (APl 0.777), small ones poorly (APs 0.271). On this image
+# `python -m detr_lite.evaluate` (and its card `detr_shapes.md`) gives val AP 0.549 (AP50 0.805,
+# AP75 0.604) after 90 CPU epochs on top of a pretrained backbone whose `layer2` and `layer3` it
+# fine-tunes: large shapes are found well (APl 0.747), small ones poorly (APs 0.324). On this image
 # (below) 8 of the 10 queries have p(object) > 0.5 for 4 objects. The five most sure of an object sit
-# on all four, each with the right class, but not one per object: two claim the circle (q4 and q0,
-# p(object) 0.99 and 0.92), and three more confident queries (q7, q3 and q5, 0.87, 0.86 and 0.81)
+# on all four, each with the right class, but not one per object: two claim the circle (q9 and q0,
+# p(object) 0.98 and 0.89), and three more confident queries (q4, q7 and q5, 0.83, 0.82 and 0.69)
 # are not even drawn. The model is more
 # sure of "some object here" than of "only one query per object". That makes it a good input for
 # this notebook: the matcher must pick exactly one candidate per object, and the loss then pushes
@@ -310,17 +310,19 @@ for i, j in zip(row, col):
 
 # %% [markdown]
 # For the circle both candidates from the figure above were in the running, and the matching took
-# the *less* confident one: query 0 (C −2.585), whose box fits almost exactly (L1 0.018, −GIoU
-# −0.881), and left query 4 (C −2.570, p(object) 0.99 against query 0's 0.92) unmatched, by a
-# margin of only 0.015. The cost scores class and box together, so a tighter box can outweigh a
-# surer class; here the more confident duplicate is the one the loss will train towards "no object".
-# The big square went to query 2 (−p −0.913, L1 0.061, −GIoU −0.811); its runner-up, query 7
-# (C −2.149, p(object) 0.87), is a second guess at the same square, close behind. The small square
-# went to query 9 (−p −0.718, L1 0.038, −GIoU −0.643); its runner-up, query 5 (C −1.110, p(object)
-# 0.81), is a second guess at it too. Only the cross has no serious rival: its runner-up is query 2
-# at C +3.592, the query matched to the big square, confident only about its own object. That is how
-# DETR learns to do without non-maximum suppression: a second query on the same object, like query
-# 4, 7 or 5 here, is trained to say "no object".
+# the *less* confident one: query 0 (C −1.963), whose box fits better (L1 0.065, −GIoU −0.701
+# against 0.078 and −0.651), and left query 9 (C −1.886, p(object) 0.98 against query 0's 0.89)
+# unmatched, by a margin of only 0.077. The cost scores class and box together, so a tighter box can
+# outweigh a surer class; here the more confident duplicate is the one the loss will train towards
+# "no object". The small square shows it again: it went to query 7 (−p −0.573, L1 0.029, −GIoU
+# −0.555), which was not even among the five drawn above; its runner-up is query 8 (C −1.396,
+# p(object) 0.96), the small square's box in that figure, with a surer class (−p −0.703) but a
+# looser box (L1 0.034, −GIoU −0.432). The cross and the big square have no serious rival: they went
+# to queries 1 and 2 (C −2.488 and −2.478), and their runners-up are far behind: query 4 (C +1.589)
+# does call its box a cross (p(object) 0.83), but the box is far off, and query 3 (C +0.113,
+# p(object) 0.00) already says "no object". That is how DETR learns to do without non-maximum
+# suppression: a second query on the same object, like query 9 or 8 here, is trained to say "no
+# object".
 #
 # ### Checking the optimum by brute force
 #

@@ -281,7 +281,7 @@ assert torch.isfinite(loss)
 # %%
 # stop after ~35 s, but never before 128 iterations (16 epochs): on a busy or slow CPU the budget alone may
 # allow too few steps for the loss to fall reliably (a CI run sharing its 2 cores with a training job failed here)
-BUDGET_S, MIN_ITERS = 35.0, 128  # 128 iterations alone: mean loss 24.6 -> 12.5
+BUDGET_S, MIN_ITERS = 35.0, 128  # 128 iterations alone: mean loss 24.9 -> 12.7
 subset = Subset(train_ds, range(32))
 loader = DataLoader(
     subset, batch_size=4, shuffle=True, collate_fn=collate_fn, generator=torch.Generator().manual_seed(0)
@@ -334,28 +334,30 @@ print("loss fell during the live run:", last < first)
 # ## 5. The shipped checkpoint: recipe and training curve
 #
 # Thirty-odd seconds is not enough to detect anything. The repository ships a toy DETR trained by
-# `make train` on this data: 24 minutes of backbone pretraining (section 2), then 90 epochs of DETR
-# with 10 object queries, fine-tuning the backbone's layer2-3 (130 minutes, about 25k optimiser
-# steps; both printed below), on two cores of a slow CPU. Its recipe, what was tried, and its
-# metrics sit beside it in `data/checkpoints/detr_shapes.md`, its per-epoch metrics in
-# `detr_shapes_log.jsonl`.
+# `make train` on this data: 10 minutes of backbone pretraining (section 2), then 90 epochs of DETR
+# with 10 object queries, fine-tuning the backbone's layer2-3 (44 minutes, about 25k optimiser
+# steps; both printed below), 54 minutes in all on two cores of an AVX-512 Intel Xeon. Its recipe,
+# what was tried, and its metrics sit beside it in `data/checkpoints/detr_shapes.md`, its per-epoch
+# metrics in `detr_shapes_log.jsonl`.
 #
-# Read the verdict before the numbers: it is a real detector but not a finished one — AP 0.504, AP50
-# 0.758 on the validation images resized to short side 128. That meets the project's AP goal (0.50)
-# but not its AP50 goal (0.85), nor its budget of one hour on two CPU cores (on a faster CPU the same
-# job is estimated at 45 to 65 minutes; the card has the numbers). It is good on medium and large
-# shapes (APm 0.610, APl 0.777) and weak on small ones (APs 0.271), and AP was still rising at the
-# end, most of the last gain coming right after the learning-rate drop. Why 128: the official rule
+# Read the verdict before the numbers: it is a real detector but not a finished one — AP 0.549, AP50
+# 0.805 on the validation images resized to short side 128. That meets the project's AP goal (0.50)
+# and, on this CPU, its budget of one hour on two cores, but not its AP50 goal (0.85). The hour
+# depends on the CPU: the previous shipped model, the same recipe run on two cores of an older
+# AVX2-only CPU, took 24 + 130 minutes, and reached AP 0.504 / AP50 0.758 — two runs of one seeded
+# recipe on different CPUs can differ by that much. It is good on medium and large shapes (APm
+# 0.661, APl 0.747) and weak on small ones (APs 0.324), and AP was still rising slowly at the end,
+# most of the last gain coming right after the learning-rate drop. Why 128: the official rule
 # is to evaluate at the largest training scale (DETR trains at 480..800 and evaluates at 800; this
 # recipe trains at 96..128); the card's table shows what other sizes give.
 #
 # Two choices made most of the difference, both measured in the card: 10 object queries instead of
 # 20 (each query is matched to an object more often), and letting DETR fine-tune the pretrained
-# backbone at half its own learning rate. With the backbone frozen, the previous shipped model
-# reached AP 0.459; on this model's own pretext backbone, fine-tuning at the official lr / 10 reached
-# only 0.378, and frozen training on its twin (the same seeded pretext run on another kind of CPU)
-# 0.360. The original DETR needs 500 epochs on COCO with a
-# pretrained backbone; two CPU hours are a tiny budget. Without the pretrained backbone DETR stays
+# backbone at half its own learning rate. With the backbone frozen, an earlier frozen-backbone model
+# reached AP 0.459; on the previous shipped model's pretext backbone, fine-tuning at the official
+# lr / 10 reached only 0.378, and frozen training on that backbone's twin (the same seeded pretext
+# run on another kind of CPU) 0.360. The original DETR needs 500 epochs on COCO with a pretrained
+# backbone; an hour on two CPU cores is a tiny budget. Without the pretrained backbone DETR stays
 # on its from-scratch plateau (AP 0.011 after an hour, `detr_shapes_scratch.md`).
 
 # %%
@@ -409,14 +411,15 @@ print(
 print(f"{epochs} epochs x {steps_per_epoch} steps = {epochs * steps_per_epoch} optimiser steps")
 
 # %% [markdown]
-# The curve shows DETR's slow but steady convergence: the training loss falls for about 85 epochs and
-# the validation loss down to the last evaluation (4.17 at epoch 90). Validation AP climbs fast at
-# first (0.067 at epoch 5, 0.294 at epoch 30), then slowly and noisily (it is measured on 150 images,
-# and dips at epoch 75) to 0.395 at epoch 70, jumps when the learning rate drops after epoch 78
-# (0.479 at epoch 80) and keeps rising slowly to the end (0.493 at 85, 0.504 at 90). A drop in the
-# learning rate giving +0.08 AP at once is typical of DETR's schedules (the official one drops after
-# 200 of 300 or 400 of 500 epochs). Whether a longer schedule would keep the curve rising is
-# exercise 6.
+# The curve shows DETR's slow but steady convergence: the training loss falls for about 80 epochs,
+# steps down at the learning-rate drop and is flat over the last ten (3.65 at epoch 90); the
+# validation loss falls down to the last evaluation (3.80 at epoch 90). Validation AP climbs fast at
+# first (0.085 at epoch 5, 0.304 at epoch 25), then slowly and noisily (it is measured on 150 images,
+# and dips at epochs 30, 50 and 70) to 0.455 at epoch 75, jumps when the learning rate drops after
+# epoch 78 (0.526 at epoch 80) and keeps rising slowly to the end (0.542 at 85, 0.549 at 90; AP50
+# flat at 0.806 / 0.805). A drop in the learning rate giving +0.07 AP at once is typical of DETR's
+# schedules (the official one drops after 200 of 300 or 400 of 500 epochs). Whether a longer
+# schedule would keep the curve rising is exercise 6.
 #
 # ## 6. COCO AP, computed live
 #
@@ -518,15 +521,16 @@ print(
 assert across_images > 0.05, "the boxes should follow the image"
 
 # %% [markdown]
-# The boxes follow the objects of each image (their spread across images, 0.156, is of the same order
-# as across queries, 0.170), and every image's most confident box lies on an object: the large shapes
-# get confident, tight boxes (the big star at 1.00, the large square at 0.99, the lower triangle at
-# 0.98). All 7 objects are hit. Two signs of a DETR that has not converged show too. Small shapes
-# are named less reliably: the small star on the red image gets a good box but is called a cross
-# (0.57). And some objects are claimed by two queries with high scores (9 boxes drawn for 7 objects:
-# two on the small square, 0.91 and 0.90, one of them shifted off it; two on the circle, 0.96 and
-# 0.79). The set loss eventually teaches such duplicates to say "no object" (which is why a converged
-# DETR needs no NMS); here it has not finished, and both flaws cost AP50.
+# The boxes follow the objects of each image (their spread across images, 0.131, is of the same order
+# as across queries, 0.183), and every image's most confident box lies on an object: the large shapes
+# get confident, tight boxes (the big star at 1.00, the circle and the lower triangle at 0.99, the
+# large square at 0.98). 6 of the 7 objects are hit. Two signs of a DETR that has not converged show
+# too. Some objects are found less reliably: the small star on the red image gets no box above 0.5,
+# and the upper triangle, partly covered by the lower one, only 0.54. And the small square is
+# claimed by three queries above 0.5 (8 boxes drawn for 7 objects: 5 on the first image, whose
+# labels overlap; the top one reads 0.82). The set loss eventually teaches such duplicates to say
+# "no object" (which is why a converged DETR needs no NMS); here it has not finished, and both flaws
+# cost AP50.
 
 # %% [markdown]
 # ## 8. What the trained model attends to
@@ -544,7 +548,7 @@ assert across_images > 0.05, "the boxes should follow the image"
 #   where on the feature grid does it read from? The paper's COCO model looks at the object's
 #   extremities, where the box edges are decided.
 #
-# Our toy model trained for two hours on a CPU; compare its maps with those descriptions and judge
+# Our toy model trained for under an hour on a CPU; compare its maps with those descriptions and judge
 # how far it got.
 
 # %%
@@ -620,20 +624,19 @@ assert all(on > share for on, share in dec_on_box.values()), "confident queries 
 
 # %% [markdown]
 # Uniform attention would put on a set of cells exactly those cells' share of the grid. The decoder
-# beats that clearly, four to six times over: the two triangle queries put 0.47 and 0.48 of their
-# attention on the cells of their boxes, which are 0.11 of the grid, and the two square queries 0.23
-# and 0.32 on cells that are 0.05 of it. Each reads mostly from one bright cell: the cell holding the
-# small square, and for the triangles a cell on the upper edge of the lower triangle, where it meets
-# the upper one. Both pairs are duplicates: queries 0 and 4 box the lower triangle, 5 and 7 the
-# square. (This image now runs alone; in the padded batch of section 7 its scores differed: there
-# the upper triangle had a confident query and query 0 did not. Padding changes the backbone's
-# features near the border; the card's cached-views section measures the effect on AP.) At 16
-# pixels a cell, whether a query prefers an object's extremities, as in the paper, cannot be told
-# apart here. The encoder is further from the paper's picture: the token in the lower triangle
-# (gt 0) puts 0.24 on its object (0.11 of the grid), the one in the upper triangle 0.21 (its map is
-# brightest on the lower triangle below it), and the one on the small square 0.10 against 0.05, its
-# brightest cells between the square and the triangles. The toy encoder does not yet separate
-# instances.
+# beats that, two to six times over: the lower triangle's query 9 puts 0.50 of its attention on the
+# cells of its box, which are 0.11 of the grid, the upper triangle's query 6 only 0.24 (it spreads
+# over both triangles), and the three square queries 3, 7 and 8 put 0.26, 0.14 and 0.19 on cells
+# that are 0.05, 0.05 and 0.03 of it. The square's three are the duplicates of section 7, each
+# brightest on the square's own cells; query 8's box is shifted partly off it. (This image now
+# runs alone, without the batch padding of section 7, and the same five detections are confident:
+# two triangles, three squares. Padding changes the backbone's features near the border; the card's
+# cached-views section measures the effect on AP.) At 16 pixels a cell, whether a query prefers an
+# object's extremities, as in the paper, cannot be told apart here. The encoder is further from the
+# paper's picture: the token in the lower triangle (gt 0) puts 0.41 on its object (0.11 of the grid)
+# and the one in the upper triangle 0.32, but both maps, and that of the token on the small square
+# (0.08 on its object against 0.05), are brightest on the same cell, where the two triangles meet.
+# The toy encoder does not yet separate instances.
 
 # %% [markdown]
 # ### Interactive explorer
@@ -661,16 +664,17 @@ plt.show()
 # * The shipped checkpoint's recipe, curve and live COCO AP table (pycocotools on the dataset's own
 #   ground truth, exactly as for real COCO; it reproduces the training log's last record) show
 #   DETR's slow convergence: with a pretrained backbone whose layer2-3 it fine-tunes and 10 object
-#   queries, two CPU hours reach AP 0.504 / AP50 0.758 evaluated at short side 128, the largest
-#   training scale (the AP goal met, AP50 short of its 0.85; medium and large shapes well, small ones
-#   poorly, duplicate boxes not yet suppressed), the last gain coming from the learning-rate drop;
+#   queries, under an hour on two CPU cores reaches AP 0.549 / AP50 0.805 evaluated at short side 128,
+#   the largest training scale (the AP goal met, AP50 short of its 0.85; medium and large shapes well,
+#   small ones poorly, duplicate boxes not yet suppressed), the last gain coming from the
+#   learning-rate drop;
 #   from scratch DETR stays on the plateau where the boxes do not depend on the image.
 # * Offline, "pretrained" means a dense pretext on the training split (`python -m detr_lite.pretrain`:
 #   centre heatmaps + box sides), the toy stand-in for ImageNet weights.
 # * `capture_attention` exposes every attention map without editing the model: encoder
 #   self-attention per feature cell, decoder cross-attention per query, and the interactive explorer.
-#   The toy model's confident queries read mostly from their own boxes; its encoder tokens do not
-#   yet keep to their own objects.
+#   The toy model's confident queries read far more from their own boxes than uniform attention
+#   would; its encoder tokens do not yet keep to their own objects.
 #
 # ## Exercises
 #
@@ -693,9 +697,9 @@ plt.show()
 # 5. Build a fresh model *without* `load_backbone_weights` (its backbone starts random: the stem and
 #    `layer1` stay frozen at random values, `layer2`-`layer3` train) and rerun the live run. Which
 #    loss terms fall, and which cannot? What does that say about the role of pretraining?
-# 6. Train the full recipe yourself with `make train` (one to two and a half hours on two CPU cores;
-#    minutes on a GPU), then compare your AP table and curve with the shipped ones; then give it 30
-#    more epochs (`--resume --epochs 120`): does AP keep rising?
+# 6. Train the full recipe yourself with `make train` (under an hour to two and a half hours on two
+#    CPU cores, depending on the CPU; minutes on a GPU), then compare your AP table and curve with
+#    the shipped ones; then give it 30 more epochs (`--resume --epochs 120`): does AP keep rising?
 
 # %%
 elapsed = time.perf_counter() - T_START

@@ -492,7 +492,7 @@ for b in range(B):
 # Deformable DETR's own evaluation size, at which the from-scratch DETR record was evaluated too. The
 # shipped DETR is evaluated at short side 128, its largest training scale (as official DETR trains at
 # 480–800 and evaluates at 800), during training and after; its card measures that the same weights
-# score AP 0.478 at 112 and 0.504 at 128. Its numbers below are at 128, one more reason they are for
+# score AP 0.512 at 112 and 0.549 at 128. Its numbers below are at 128, one more reason they are for
 # reference only.
 
 
@@ -602,7 +602,7 @@ for size in sorted({cfg.data.val_size, detr_cfg.data.val_size}):
 # begins to separate objects within the first epochs. The chart shows the difference in how fast
 # they start, which is the effect the paper is about. The shipped DETR shows the other cure, the one
 # the official recipe relies on: a pretrained backbone (notebook 06). Both loaded models are off the
-# plateau: their boxes move from image to image (std 0.147 at short side 112 and 0.144 at 128 for
+# plateau: their boxes move from image to image (std 0.144 at short side 112 and 0.142 at 128 for
 # the shipped DETR, 0.060 at both for the Deformable DETR, against the from-scratch record's 0.002),
 # and the evaluation size barely changes that.
 

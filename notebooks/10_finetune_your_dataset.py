@@ -138,7 +138,7 @@ fig.tight_layout()
 # ## 2. The starting checkpoint, and what "replace the class head" means
 #
 # A detr_lite checkpoint carries its config. The one shipped with the repository was trained on the
-# bundled shapes with ids 1..5 (val AP 0.504, AP50 0.758, evaluated at short side 128, its largest
+# bundled shapes with ids 1..5 (val AP 0.549, AP50 0.805, evaluated at short side 128, its largest
 # training scale, as official DETR evaluates at 800; `data/checkpoints/detr_shapes.md`), so its
 # class head is `Linear(hidden_dim, 6 + 1)`. Its config, val size included, comes along: the images
 # above and every evaluation below use short side 128. Everything else —
@@ -210,8 +210,8 @@ print(f"train_backbone {ft_cfg.model.train_backbone}: {n_bb_train / 1e6:.2f} M o
 # network brings.
 #
 # Be precise about *what* transfers here. The shipped toy checkpoint is a real but modest detector
-# (val AP 0.504 on the shapes, just over the project's 0.50 AP goal but short of its AP50 goal, 0.758
-# against 0.85; good on large objects, APl 0.777, weak on small ones, APs 0.271). And the
+# (val AP 0.549 on the shapes, over the project's 0.50 AP goal but short of its AP50 goal, 0.805
+# against 0.85; good on large objects, APl 0.747, weak on small ones, APs 0.324). And the
 # demonstration's "new" classes are the same five generated shapes under new ids and
 # names, so this is the friendliest possible transfer: features and box head already know these
 # objects, only the class head starts from zero. On your own data expect less from this toy start;
@@ -239,9 +239,9 @@ assert ft["loss_bbox"] < 0.5 * rnd["loss_bbox"] and ft["loss_giou"] < 0.5 * rnd[
 print("transferred weights: box losses less than half of random init's, before any fine-tuning step")
 
 # %% [markdown]
-# The box terms drop several-fold (L1 0.069 against 0.534, GIoU loss 0.108 against 0.647): the
-# matched queries of the loaded model already sit on the objects. `loss_ce` stays at the level of a
-# fresh head in both (3.678 against 3.672): nothing about our classes has transferred.
+# The box terms drop several-fold (L1 0.067 against 0.534, GIoU loss 0.101 against 0.647): the
+# matched queries of the loaded model already sit on the objects. `loss_ce` stays at about the level
+# of a fresh head in both (3.549 against 3.672): nothing about our classes has transferred.
 
 # %% [markdown]
 # ## 4. Fine-tune with the training CLI
@@ -312,11 +312,11 @@ print(f"fine-tuned AP {100 * metrics['AP']:.1f} (AP50 {100 * metrics['AP50']:.1f
 # The fine-tuned checkpoint is an ordinary detr_lite checkpoint (config included), so loading it
 # needs nothing but the path; labels come back as *your* category ids (or unused ids, drawn as
 # "id N", while the head is still learning). After 8 steps the labels are still wrong: the most
-# confident queries name ids our export does not use ("id N"), at scores between 0.16 and 0.47
+# confident queries name ids our export does not use ("id N"), at scores between 0.20 and 0.60
 # (printed below and drawn on the boxes). Their boxes differ from image to image; some sit on single
-# shapes (the disc and the pale triangle on the right, the large yellow triangle in the middle —
-# twice, a duplicate the set loss has not yet suppressed), others span a group of shapes (left) or
-# a strip at the image edge (middle): the three drawn are the most confident, not the best placed.
+# shapes (the disc, the red triangle and the pale triangle on the right), others span a group of
+# shapes (left) or only small patches of the large yellow triangle and its border (middle): the
+# three drawn are the most confident, not the best placed.
 
 # %%
 from detr_lite.checkpoint import load_checkpoint
@@ -410,7 +410,7 @@ assert all(set(r["labels"].tolist()) <= set(range(num_classes)) for r in results
 #
 # 1. Renumber the categories to 1..5 in the export: does `num_classes` shrink to 6, and does the
 #    fine-tuned AP change?
-# 2. Freeze the backbone: `TRAIN_BACKBONE = False` (the recipe of the previous shipped model). The
+# 2. Freeze the backbone: `TRAIN_BACKBONE = False` (the recipe of an earlier shipped model). The
 #    default follows the official rule (`frozen_bn` True): layer2 and layer3 train at `LR_BACKBONE`
 #    (this ResNet-18 stops after layer3), while conv1, layer1 and all BatchNorm statistics stay
 #    fixed; frozen, none of the backbone trains. Compare speed and AP after the same epochs (for
