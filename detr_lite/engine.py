@@ -36,7 +36,8 @@ LINEAR_PROJ_KEYWORDS = ("sampling_offsets", "reference_points")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message names the epoch, iteration and every loss term."""
+    """The loss (or, from a finite loss, the gradients) became NaN/inf; the message names the epoch,
+    iteration and every loss term (or the parameter nearest the output with a non-finite gradient)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,6 +107,19 @@ def _to_float32(x: Any) -> Any:
     return x
 
 
+def _non_finite_gradients(model: nn.Module, epoch: int, it: int, loss_value: float) -> str:
+    """Name where non-finite gradients start: walking the parameters from the output back (registration
+    order is roughly forward order), the first one whose gradient is not finite is nearest their origin."""
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    bad = [n for n, p in named if not torch.isfinite(p.grad).all()]
+    nearest = bad[-1] if bad else "?"
+    return (
+        f"non-finite gradients at epoch {epoch} iteration {it} (loss {loss_value:.4g} was finite): "
+        f"{len(bad)} of {len(named)} parameter tensors, nearest the output {nearest}; the step was not "
+        "taken. With --amp (bf16) see docs/COCO_TRAINING.md; else lower the lr or check the data"
+    )
+
+
 def _as_float(v: Any) -> float:
     return float(v.detach().item()) if torch.is_tensor(v) else float(v)
 
@@ -141,8 +155,9 @@ def train_one_epoch(
 
     Each iteration calls ``log`` (if given) with a record holding the total loss, every weighted
     term, ``class_error``, the learning rate, seconds per iteration and images per second, all
-    averaged over DDP processes. A non-finite total loss raises :class:`NonFiniteLossError`
-    *before* the optimiser step, so the weights (and the last checkpoint) stay good.
+    averaged over DDP processes. A non-finite total loss, or (without a GradScaler) non-finite
+    gradients from a finite loss, raise :class:`NonFiniteLossError` *before* the optimiser step, so the
+    weights (and the last checkpoint) stay good.
     """
     model.train()
     criterion.train()
@@ -188,8 +203,18 @@ def train_one_epoch(
             scaler.unscale_(optimizer)
         else:
             loss.backward()
-        if clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        # the gradients' norm (and clipping); without a GradScaler (which skips such steps itself), a
+        # non-finite gradient with a finite loss stops the run here, before it poisons the weights
+        try:
+            torch.nn.utils.clip_grad_norm_(
+                model.parameters(),
+                clip_max_norm if clip_max_norm > 0 else math.inf,
+                error_if_nonfinite=scaler is None,
+            )
+        except RuntimeError as err:
+            if "non-finite" not in str(err):
+                raise
+            raise NonFiniteLossError(_non_finite_gradients(model, epoch, it, loss_value)) from None
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

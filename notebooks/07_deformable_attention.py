@@ -393,9 +393,10 @@ assert out_by_hand.shape == (1, n_queries, d_model)
 #
 # `detr_lite.deformable.msda` has two implementations of the sampling-and-sum core (steps 2–3):
 # `ms_deform_attn_reference`, which is the `grid_sample` version above, and `ms_deform_attn`, the fast
-# path the model uses (it gathers the 4 bilinear corners of every sample from one zero-padded table
-# with `F.embedding_bag` and has a hand-written, memory-light backward). `MSDeformAttn` wraps
-# everything, with the very weights we used.
+# path the model uses on a CPU (it gathers the 4 bilinear corners of every sample from one zero-padded
+# table with `F.embedding_bag` and has a hand-written, memory-light backward; on a GPU `grid_sample` is
+# the faster one, so there the model uses it). `MSDeformAttn` wraps everything, with the very weights
+# we used.
 
 # %%
 core_ref = ms_deform_attn_reference(value, spatial_shapes, sampling_locations, weights)

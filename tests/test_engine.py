@@ -162,6 +162,37 @@ def test_non_finite_loss_raises_before_the_step(tiny):
     assert all(torch.equal(v, after_first[k]) for k, v in model.named_parameters())
 
 
+@pytest.mark.parametrize("clip", [0.1, 0.0])
+def test_non_finite_gradients_from_a_finite_loss_raise_before_the_step(tiny, clip):
+    """E.g. a broken attention kernel under bf16 autocast: NaN gradients, finite loss. The run stops
+    before the optimiser step (clipping on or off), naming where the non-finite gradients start."""
+    torch.manual_seed(0)
+    model, criterion = build_model(tiny.model), build_criterion(tiny.model)
+    _, loader = _loader(tiny)
+    batches = list(loader)[:3]
+    calls = {"n": 0}
+
+    def poison(grad):  # NaN gradients for one weight of the last decoder layer, at the 2nd iteration
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] == 2 else grad
+
+    param = model.transformer.decoder.layers[-1].linear2.weight
+    param.register_hook(poison)
+    opt = build_optimizer(model, tiny.train)
+    snapshots = []
+    with pytest.raises(NonFiniteLossError) as err:
+        train_one_epoch(model, criterion, batches, opt, torch.device("cpu"), epoch=3, clip_max_norm=clip,
+                        log=lambda r: snapshots.append({k: v.detach().clone() for k, v in model.named_parameters()}),
+                        progress=False)  # fmt: skip
+    msg = str(err.value)
+    assert "non-finite gradients at epoch 3 iteration 1 (loss " in msg and "was finite)" in msg, msg
+    assert "nearest the output transformer.decoder.layers.1.linear2.weight; the step was not taken" in msg, (
+        msg
+    )
+    (after_first,) = snapshots
+    assert all(torch.equal(v, after_first[k]) for k, v in model.named_parameters())
+
+
 class Oracle(nn.Module):
     """Replays the ground truth of each batch as DETR outputs (probability ~1 on the true class)."""
 

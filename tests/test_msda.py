@@ -219,6 +219,32 @@ def test_module_fast_equals_reference_and_padding_is_masked():
     assert not torch.allclose(fast(query, ref, src2, ss, start, None), out)
 
 
+def _count_core_calls(monkeypatch) -> dict[str, int]:
+    from detr_lite.deformable import msda
+
+    calls = {"fast": 0, "reference": 0}
+    for name, key in (("ms_deform_attn", "fast"), ("ms_deform_attn_reference", "reference")):
+        real = getattr(msda, name)
+
+        def counted(*a, _real=real, _key=key):
+            calls[_key] += 1
+            return _real(*a)
+
+        monkeypatch.setattr(msda, name, counted)
+    return calls
+
+
+def test_module_auto_implementation_is_the_fast_path_on_cpu(monkeypatch):
+    """The default ("auto") runs the fast core on CPU (grid_sample on CUDA: tests/test_cuda.py)."""
+    calls = _count_core_calls(monkeypatch)
+    attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
+    assert attn.implementation == "auto"
+    attn(*_module_inputs())
+    assert calls == {"fast": 1, "reference": 0}
+    with pytest.raises(ValueError, match="implementation must be 'auto', 'fast' or 'reference', got 'cuda'"):
+        MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2, implementation="cuda")
+
+
 def test_module_errors_name_sizes():
     attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
     query, ref, src, ss, start = _module_inputs()

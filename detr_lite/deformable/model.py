@@ -40,7 +40,7 @@ from detr_lite.position_encoding import PositionEmbeddingSine
 class DeformableDETR(nn.Module):
     """Deformable DETR (Zhu et al., 2021) with optional iterative box refinement and two-stage."""
 
-    def __init__(self, cfg: ModelConfig, implementation: str = "fast"):
+    def __init__(self, cfg: ModelConfig, implementation: str = "auto"):
         super().__init__()
         if cfg.num_feature_levels < 1:
             raise ValueError(f"ModelConfig.num_feature_levels: expected >= 1, got {cfg.num_feature_levels}")

@@ -54,7 +54,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
     """Deformable self-attention over all levels + FFN, post-norm."""
 
     def __init__(
-        self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, implementation="fast"
+        self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, implementation="auto"
     ):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, implementation=implementation)
@@ -112,7 +112,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
     """Query self-attention -> deformable cross-attention into the memory -> FFN (post-norm)."""
 
     def __init__(
-        self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, implementation="fast"
+        self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, implementation="auto"
     ):
         super().__init__()
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, implementation=implementation)
@@ -210,7 +210,7 @@ class DeformableTransformer(nn.Module):
         enc_n_points=4,
         two_stage=False,
         two_stage_num_proposals=300,
-        implementation="fast",
+        implementation="auto",
     ):
         super().__init__()
         self.d_model = d_model
