@@ -50,7 +50,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, torchvision; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| cuda', torch.version.cuda)"
 echo "cpus $(nproc) | $(df -h /dev/shm | tail -1)"
 
-# torch.compile last (below): on an H200 its test had not finished after 110-200 s
+# torch.compile last (below): cold, it recompiles for every new image size; on an H200 its test had
+# not finished after 110-200 s (docs/COCO_TRAINING.md)
 TAIL=40 step pytest 150 $PY -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider -k "not compile"
 if grep -q "SKIPPED" "$OUT/pytest.log"; then
     echo "--- pytest: a CUDA test was skipped on a GPU machine"
