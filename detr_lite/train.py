@@ -246,6 +246,21 @@ def build_loaders(cfg: Config):
     return ds_train, ds_val, train_loader, val_loader, batches, loader_gen
 
 
+def check_late_scale(cfg: Config) -> None:
+    """One-line ``ValueError`` for a bad progressive-resizing setting (``data.late_scale``), before heavy work."""
+    d = cfg.data
+    scale, after = d.late_scale, d.late_scale_after
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"config {cfg.name}: data.late_scale must be a positive number, got {scale!r}")
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise ValueError(f"config {cfg.name}: data.late_scale_after must be an integer >= 0, got {after!r}")
+    if scale != 1.0 and cfg.train.cached_views > 0:
+        raise ValueError(
+            f"config {cfg.name}: data.late_scale {scale} with train.cached_views {cfg.train.cached_views}: "
+            "cached views have fixed sizes; set one of them off (late_scale 1.0 or cached_views 0)"
+        )
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return seed + 1000 * (epoch + 1) + 7919 * rank
 
@@ -356,6 +371,7 @@ def run(args: argparse.Namespace) -> int:
     for split in (cfg.data.train_split, cfg.data.val_split):
         validate_coco_folder(cfg.data.root, split)
     check_cacheable(cfg)
+    check_late_scale(cfg)
     if resume_ckpt is None:
         resolve_num_classes(cfg, args.num_classes)
     starts_from_weights = bool(args.finetune or args.backbone_weights)
@@ -480,7 +496,21 @@ def run(args: argparse.Namespace) -> int:
     coco_gt = ds_val.coco
     t_run = time.perf_counter()
     last_eval: dict[str, Any] | None = next((h for h in reversed(history) if "AP" in h), None)
+    train_scale = 1.0
     for epoch in range(start_epoch, cfg.train.epochs):
+        if cfg.data.scale_at(epoch) != train_scale:  # progressive resizing (data.late_scale)
+            from detr_lite.data.transforms import build_transforms, scaled_sizes
+
+            train_scale = cfg.data.scale_at(epoch)
+            ds_train.transforms = build_transforms(cfg.data, train=True, scale=train_scale)
+            if main:
+                sizes = scaled_sizes(cfg.data, train_scale)
+                print(
+                    f"epoch {epoch + 1}: training sizes x{train_scale:g} from here on (data.late_scale): short "
+                    f"side {sizes['train_scales']}, max {sizes['train_max_size']}, crop branch "
+                    f"{sizes['crop_resize_scales']} / {list(sizes['crop_size'])}",
+                    flush=True,
+                )
         seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
         batches.set_epoch(epoch)
         if cached is not None:
@@ -506,6 +536,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
         lr_scheduler.step()
         record: dict[str, Any] = {"type": "epoch", "epoch": epoch, "train_loss": stats["loss"]}
+        if cfg.data.late_scale != 1.0:
+            record["train_scale"] = train_scale
         record.update({f"train_{k}": v for k, v in stats.items() if k.startswith("loss_") or "error" in k})
         record.update(lr=stats["lr"], train_time_s=stats["train_time_s"], images_per_s=stats["images_per_s"])
         if cached is not None:

@@ -138,8 +138,28 @@ def _sanitize() -> v2.Compose:
     )
 
 
-def build_transforms(cfg: DataConfig, train: bool) -> v2.Compose:
-    """The official DETR augmentation (train) or deterministic resize (val) for ``cfg``'s sizes."""
+def scaled_sizes(cfg: DataConfig, scale: float = 1.0) -> dict[str, Any]:
+    """The training sizes of ``cfg`` multiplied by ``scale`` (rounded; ``data.late_scale``)."""
+    if not scale > 0:
+        raise ValueError(f"data.late_scale: expected a positive factor, received {scale}")
+
+    def s(v: int) -> int:
+        return max(1, int(round(v * scale)))
+
+    return {
+        "train_scales": [s(v) for v in cfg.train_scales],
+        "train_max_size": s(cfg.train_max_size),
+        "crop_resize_scales": [s(v) for v in cfg.crop_resize_scales],
+        "crop_size": tuple(s(v) for v in cfg.crop_size),
+    }
+
+
+def build_transforms(cfg: DataConfig, train: bool, scale: float = 1.0) -> v2.Compose:
+    """The official DETR augmentation (train) or deterministic resize (val) for ``cfg``'s sizes.
+
+    ``scale`` multiplies every training size (progressive resizing, ``data.late_scale``); the
+    validation resize ignores it.
+    """
     tail = [
         _sanitize(),
         ToNormalizedTensor(),
@@ -147,15 +167,16 @@ def build_transforms(cfg: DataConfig, train: bool) -> v2.Compose:
     ]
     if not train:
         return v2.Compose([v2.Resize(cfg.val_size, max_size=cfg.val_max_size, antialias=True), *tail])
-    scales = list(cfg.train_scales)
-    multi_scale = v2.RandomShortestSize(scales, max_size=cfg.train_max_size, antialias=True)
+    sizes = scaled_sizes(cfg, scale)
+    scales, max_size = sizes["train_scales"], sizes["train_max_size"]
+    multi_scale = v2.RandomShortestSize(scales, max_size=max_size, antialias=True)
     crop_branch = v2.Compose(
         [
-            v2.RandomShortestSize(list(cfg.crop_resize_scales), antialias=True),
-            RandomSizeCrop(*cfg.crop_size),
+            v2.RandomShortestSize(sizes["crop_resize_scales"], antialias=True),
+            RandomSizeCrop(*sizes["crop_size"]),
             # a crop can leave boxes empty; drop them before the next resize
             _sanitize(),
-            v2.RandomShortestSize(scales, max_size=cfg.train_max_size, antialias=True),
+            v2.RandomShortestSize(scales, max_size=max_size, antialias=True),
         ]
     )
     head = [v2.RandomHorizontalFlip(p=0.5)] if cfg.hflip else []
