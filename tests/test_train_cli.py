@@ -180,7 +180,7 @@ def test_smoke_train_then_evaluate(tmp_path, tiny_data):
     # the same checkpoint evaluated by the trainer at the end of its epoch gives the same AP
     for k in AP_KEYS:
         assert metrics[k] == pytest.approx(ep[k], abs=1e-9), k
-    assert metrics["val_size"] == 128 and "at short side 128" in r.stdout  # the preset's val size
+    assert metrics["val_size"] == 160 and "at short side 160" in r.stdout  # the preset's val size
 
     # another evaluation size (the card's table of val sizes): only the val transform changes
     from detr_lite import evaluate
@@ -377,9 +377,9 @@ def test_evaluate_cli_errors(tmp_path, capsys):
     shipped = ["--checkpoint", str(SHIPPED_DETR)]
     assert evaluate.main([*shipped, "--val-size", "0"]) == 2
     assert "--val-size: expected a positive number of pixels, got 0" in capsys.readouterr().err
-    assert evaluate.main([*shipped, "--val-size", "200"]) == 2  # above the config's val_max_size 192
+    assert evaluate.main([*shipped, "--val-size", "250"]) == 2  # above the config's val_max_size 240
     err = capsys.readouterr().err
-    assert "--val-max-size 192 is below --val-size 200" in err and len(err.strip().splitlines()) == 1
+    assert "--val-max-size 240 is below --val-size 250" in err and len(err.strip().splitlines()) == 1
 
 
 def test_evaluate_official_model_zoo_file(tmp_path, tiny_data, capsys):
