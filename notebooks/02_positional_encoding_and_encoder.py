@@ -165,17 +165,18 @@ for ax, (r, c) in zip(axes, [(3, 4), (10, 15), (17, 27)]):
 # ### The temperature on a small grid
 #
 # The wavelengths run from 2π up to 2π·T (T = 10000 officially). On COCO's ~25×38 grids that is fine,
-# but the toy model's grid has at most 8×12 cells (short side at most 128 px, long side at most 192,
-# stride 16): with T = 10000 most of the 64 frequencies per axis barely change across the whole grid,
-# so they carry almost no position. The `detr-shapes` preset sets `pe_temperature = 20` (as
-# Conditional and DAB-DETR do), which keeps every channel informative. Count the channels whose value
-# moves by more than 0.1 across a 7×10 grid (a middle training scale, the grid the model card quotes)
-# and across the 8×12 grid of the largest training scale, which is also the validation size:
+# but the toy model's grid has at most 10×15 cells (short side at most 160 px, long side at most 240,
+# stride 16; at most 8×12 in the first 70 of its 90 training epochs, which use smaller images): with
+# T = 10000 most of the 64 frequencies per axis barely change across the whole grid, so they carry
+# almost no position. The `detr-shapes` preset sets `pe_temperature = 20` (as Conditional and
+# DAB-DETR do), which keeps every channel informative. Count the channels whose value moves by more
+# than 0.1 across a 7×10 grid (a middle training scale of the first 70 epochs, the grid the model card
+# quotes) and across the 10×15 grid of the largest training scale, which is also the validation size:
 
 # %%
 # NBVAL_CHECK_OUTPUT
 moving = {}
-for gh, gw in [(7, 10), (8, 12)]:
+for gh, gw in [(7, 10), (10, 15)]:
     small_grid = torch.zeros(1, gh, gw, dtype=torch.bool)
     for temperature in (10000, 20):
         code = PositionEmbeddingSine(64, temperature=temperature)(small_grid)[0]  # d = 128, the toy's
@@ -372,8 +373,10 @@ assert torch.allclose(out_seq.transpose(0, 1), attn_out, atol=1e-5)
 # layer also records its weights `[B, heads, Lq, Lk]` under its module name. We use the toy DETR
 # configuration of the bundled data (`detr-shapes`: ResNet-18 cut after `layer3`, so stride 16 and
 # 256 channels; d = 128; 3 + 3 layers; 10 queries) and a validation image at the validation resolution:
-# short side 128 px, the largest training scale (official DETR likewise evaluates at its largest
-# training scale, 800), so this 128×192 image becomes an 8×12 grid of 96 tokens.
+# short side 160 px, the largest training scale of the recipe's last phase (it trains on smaller
+# images, short side 96–128, for 70 epochs, then at about the images' own size, 120–160, for the last
+# 20: progressive resizing; official DETR likewise evaluates at its largest training scale, 800), so
+# this 160×240 image becomes a 10×15 grid of 150 tokens.
 
 # %%
 cfg = get_config("detr-shapes")
@@ -460,8 +463,8 @@ fig = show_encoder_attention(model, "untrained")
 # (`data/checkpoints/detr_shapes.md`) has the recipe and the numbers: a ResNet-18 backbone pretrained
 # on the training split with a dense pretext, then 90 epochs of DETR training on two CPU cores that
 # also fine-tune the backbone's layer2-3 (at half the transformer's learning rate). Evaluated at
-# validation short side 128 (the largest training scale) it has val AP 0.549 (AP50 0.805, AP75 0.604;
-# large objects APl 0.747, small ones APs 0.324). Its encoder is the
+# validation short side 160 (the largest training scale of its last phase) it has val AP 0.574 (AP50
+# 0.839, AP75 0.639; large objects APl 0.768, small ones APs 0.378). Its encoder is the
 # **pre-norm** variant with sine temperature **T = 20**, not the post-norm layer with T = 10000 we
 # built above (both are options of the same code: `pre_norm`, `pe_temperature`).
 
@@ -470,21 +473,22 @@ trained, trained_cfg, ckpt = load_checkpoint("../data/checkpoints/detr_shapes.pt
 fig = show_encoder_attention(trained, "trained")
 
 # %% [markdown]
-# Training has changed the maps, and they now depend on which cell asks. The cross's cell looks at
-# the middle of the large (magenta) square; the square's cell at the upper part of the square too,
-# but brightest at the top-right corner of the image, on background; the cells on the two small
-# objects both look at the circle and at the left arm of the cross, and a little at the bottom edge
-# of the image. The cells on the two small objects put about 4× the uniform share on their own box
-# (the diagonal: 4.0 on the circle, 4.1 on the small square; 0.17 against 0.04 and 0.04 against
-# 0.01), yet most of their attention still lies elsewhere. And the table shows that this is not
-# (only) each cell looking at its own object: the small square's cell puts almost as much on the
-# circle's box (3.8×) as on its own, and the circle's cell puts 2.9× the uniform share on the small
-# square's box, while the cells on the large cross and square put 1.5× on the square's box and
-# little more than the uniform share, or less, on the two small boxes (1.3 and 0.8, 0.6 and 0.5). On
-# this image the strongest weights mark "the large square" (or, for the square's own cell, a corner
-# of background) for the cells on large objects and "the small shapes" for the cells on small ones.
-# For the two large objects the own-box shares are 1.2× and 1.5× the uniform share: the cross's box
-# covers about two thirds of the grid, so this measure cannot tell much there.
+# Training has changed the maps, and they now depend on which cell asks. The large (magenta)
+# square's cell looks at the upper middle of the square, its own object, and also at the top-right
+# corner of the image, on background; the cross's cell looks at the middle of the square too, and a
+# little at the circle. The cells on the two small objects both look at the lower half of the circle
+# (brightest) and at the small square, a little at the left arm of the cross. They put about 6–7× the
+# uniform share on their own box (the diagonal: 7.5 on the circle, 6.3 on the small square; 0.20
+# against 0.03 and 0.04 against 0.01), yet most of their attention still lies elsewhere. And the table
+# shows that this is not (only) each cell looking at its own object: the small square's cell puts
+# almost as much on the circle's box (6.0×) as on its own, and the circle's cell puts 6.8× the uniform
+# share on the small square's box; even the cross's cell puts more on the two small boxes (3.3× and
+# 2.1×) than on its own or the square's (1.2× and 1.5×), while the square's cell puts 1.6× on its own
+# box and less than the uniform share on every other (0.9). On this image the strongest weights mark
+# "the small shapes" for the cells on small objects and "the large square" (plus, for the square's
+# own cell, a corner of background) for the cells on large ones. For the two large objects the
+# own-box shares are 1.2× and 1.6× the uniform share: the cross's box covers about two thirds of the
+# grid, so this measure cannot tell much there.
 #
 # One image is an anecdote. The same measure over the objects of the first 40 validation images,
 # split by how much of the grid an object's box covers, untrained versus trained. To separate
@@ -528,19 +532,19 @@ for label, m in [("untrained", model), ("trained", trained)]:
             f"{label:9} {group:18} ({int(sel.sum()):2d} objects): own cell {o:.3f}  any cell {a:.3f}"
             f"  uniform {u:.3f} | own/uniform {o / u:.2f}  own/any {o / a:.2f}"
         )
-assert ratio["trained", "box < 20% of grid"] > 1.3  # measured 2.28: clearly more than uniform
-assert ratio["trained", "box < 20% of grid", "any"] > 1.3  # measured 2.02: more than an average cell
+assert ratio["trained", "box < 20% of grid"] > 1.3  # measured 2.49: clearly more than uniform
+assert ratio["trained", "box < 20% of grid", "any"] > 1.3  # measured 2.00: more than an average cell
 assert ratio["untrained", "box < 20% of grid"] < 1.2  # measured 1.01: about uniform
 
 # %% [markdown]
-# For the smaller objects, the trained encoder's cell at an object's centre puts about 2.3× the
-# uniform share of its attention on that object's box (0.175 against 0.077), while an average cell
-# of the same image puts only a little more than the uniform share there (0.087). So over many images
+# For the smaller objects, the trained encoder's cell at an object's centre puts about 2.5× the
+# uniform share of its attention on that object's box (0.170 against 0.068), while an average cell
+# of the same image puts only about 1.25× the uniform share there (0.085). So over many images
 # the extra attention on a small object's box comes mostly from the object's own cell, not from every
 # cell looking at the small shapes, as the small square's cell of image 3, looking at the circle,
 # might suggest. The untrained encoder shows neither (1.01 and 1.00). For the large objects the
-# trained own-cell share stays close to uniform (1.14×; an average cell puts about the uniform share
-# there too, 0.516 against 0.522). So the encoder has learned some *per-object* grouping, but far
+# trained own-cell share stays close to uniform (1.19×; an average cell puts about the uniform share
+# there too, 0.501 against 0.506). So the encoder has learned some *per-object* grouping, but far
 # less than a converged DETR, where a cell on an object attends to that object's own extent (Fig. 3
 # of the DETR paper). Part of the object knowledge may already sit in the backbone features,
 # pretrained and then fine-tuned along with the transformer; and dense attention, spread over all HW
@@ -560,18 +564,18 @@ assert ratio["untrained", "box < 20% of grid"] < 1.2  # measured 1.01: about uni
 #   computation transposed.
 # * The **key padding mask** sets padded keys' scores to −∞: they get weight exactly 0 and nothing
 #   written in padding reaches real tokens.
-# * The **temperature** T sets the slowest wavelength. On the toy model's 7×10 to 8×12 grids only 49
-#   of 128 channels vary by more than 0.1 with the official T = 10000, 122 with T = 20 (the toy
-#   preset's).
+# * The **temperature** T sets the slowest wavelength. On the toy model's 7×10 to 10×15 grids only
+#   49 to 50 of 128 channels vary by more than 0.1 with the official T = 10000, 122 with T = 20 (the
+#   toy preset's).
 # * Our from-primitives versions equal `PositionEmbeddingSine` and `TransformerEncoderLayer`, in
 #   both arrangements: **post-norm** `norm(x + f(x))` (DETR's default) and **pre-norm**
 #   `x + f(norm(x))` (`--pre_norm`, the toy preset), whose residual stream is never normalised.
 # * `capture_attention` records every attention map without hooks. In the trained toy DETR (pre-norm,
-#   T = 20, AP 0.549 at validation short side 128) cells on smaller objects put about 2.3× the
+#   T = 20, AP 0.574 at validation short side 160) cells on smaller objects put about 2.5× the
 #   uniform share of their attention on their own box, where an average cell puts little more than
 #   the uniform share: measured, not eyeballed, with `viz.attention_mass_in_boxes`. Most of it still
-#   goes elsewhere (on one image, the cells on both small shapes looked at the circle and the cross's
-#   left arm, and the cells on both large shapes at the large square, one of them brightest at a
+#   goes elsewhere (on one image, the cells on both small shapes looked at the circle and the small
+#   square, and the cells on both large shapes at the large square, the square's own cell also at a
 #   background corner): far from the per-object maps of a converged DETR.
 #
 # ## Exercises

@@ -73,8 +73,10 @@ CKPT = ROOT / "data" / "checkpoints" / "detr_shapes.pt"
 # `layer3` fine-tuned during DETR training; 3 + 3 pre-norm transformer layers, `d = 128`, 10 queries)
 # trained on the bundled shapes. Its config
 # travels inside the checkpoint, so `load_checkpoint` rebuilds exactly that model. The validation
-# split gives images resized to a small short side (`cfg.data.val_size`, 128 pixels: the largest of
-# the training scales 96-128, just as official DETR trains at 480-800 and evaluates at 800) with
+# split gives images resized to a small short side (`cfg.data.val_size`, 160 pixels: the largest
+# training scale of the recipe's last phase — it trains on smaller images, short side 96-128, for 70
+# epochs, then at about the images' own size, 120-160, for the last 20, a progressive resizing — just
+# as official DETR trains at 480-800 and evaluates at 800) with
 # targets in the package convention: **normalised `cxcywh` boxes** and raw COCO category ids (1..5
 # here; id 0 is unused and the last logit, index 6, means "no object").
 
@@ -127,14 +129,14 @@ plt.show()
 # query. A well-trained DETR puts most queries' mass on "no object" and a few confident ones on the
 # objects.
 #
-# Our toy checkpoint is a real but imperfect detector. Evaluated at that short side 128,
-# `python -m detr_lite.evaluate` (and its card `detr_shapes.md`) gives val AP 0.549 (AP50 0.805,
-# AP75 0.604) after 90 CPU epochs on top of a pretrained backbone whose `layer2` and `layer3` it
-# fine-tunes: large shapes are found well (APl 0.747), small ones poorly (APs 0.324). On this image
+# Our toy checkpoint is a real but imperfect detector. Evaluated at that short side 160,
+# `python -m detr_lite.evaluate` (and its card `detr_shapes.md`) gives val AP 0.574 (AP50 0.839,
+# AP75 0.639) after 90 CPU epochs on top of a pretrained backbone whose `layer2` and `layer3` it
+# fine-tunes: large shapes are found well (APl 0.768), small ones less well (APs 0.378). On this image
 # (below) 8 of the 10 queries have p(object) > 0.5 for 4 objects. The five most sure of an object sit
-# on all four, each with the right class, but not one per object: two claim the circle (q9 and q0,
-# p(object) 0.98 and 0.89), and three more confident queries (q4, q7 and q5, 0.83, 0.82 and 0.69)
-# are not even drawn. The model is more
+# on all four, each with the right class, but not one per object: two claim the small square (q8 and
+# q7, p(object) 0.89 and 0.84; their boxes almost coincide in the figure), and three more confident
+# queries (q0, q4 and q5, 0.84, 0.80 and 0.68) are not even drawn. The model is more
 # sure of "some object here" than of "only one query per object". That makes it a good input for
 # this notebook: the matcher must pick exactly one candidate per object, and the loss then pushes
 # every other query, duplicates included, towards "no object".
@@ -309,19 +311,17 @@ for i, j in zip(row, col):
     )
 
 # %% [markdown]
-# For the circle both candidates from the figure above were in the running, and the matching took
-# the *less* confident one: query 0 (C −1.963), whose box fits better (L1 0.065, −GIoU −0.701
-# against 0.078 and −0.651), and left query 9 (C −1.886, p(object) 0.98 against query 0's 0.89)
-# unmatched, by a margin of only 0.077. The cost scores class and box together, so a tighter box can
-# outweigh a surer class; here the more confident duplicate is the one the loss will train towards
-# "no object". The small square shows it again: it went to query 7 (−p −0.573, L1 0.029, −GIoU
-# −0.555), which was not even among the five drawn above; its runner-up is query 8 (C −1.396,
-# p(object) 0.96), the small square's box in that figure, with a surer class (−p −0.703) but a
-# looser box (L1 0.034, −GIoU −0.432). The cross and the big square have no serious rival: they went
-# to queries 1 and 2 (C −2.488 and −2.478), and their runners-up are far behind: query 4 (C +1.589)
-# does call its box a cross (p(object) 0.83), but the box is far off, and query 3 (C +0.113,
-# p(object) 0.00) already says "no object". That is how DETR learns to do without non-maximum
-# suppression: a second query on the same object, like query 9 or 8 here, is trained to say "no
+# Both objects with two confident candidates went to the candidate that is better on every term. The
+# circle went to query 9 (C −2.473: −p −0.985, L1 0.038, −GIoU −0.838), not to query 0 (C −1.415,
+# p(object) 0.84), which has a less sure class (−p −0.826) and a looser box (L1 0.113, −GIoU
+# −0.577); the small square went to query 8 (C −2.464: −p −0.730, L1 0.009, −GIoU −0.889), not to
+# query 7 (C −1.944, p(object) 0.84; −p −0.647, L1 0.026, −GIoU −0.713), by a margin of 0.520. Here
+# the surer class and the tighter box belong to the same query; that need not be so, and since the
+# cost scores class and box together, on another image a tighter box can outweigh a surer class. The
+# cross and the big square have no serious rival: they went to queries 1 and 2 (C −2.384 and
+# −2.335), and the runner-up of both is query 4 (C +2.329 and +2.010), which does call its box a
+# cross (p(object) 0.80), but the box is far off. That is how DETR learns to do without non-maximum
+# suppression: a second query on the same object, like query 0 or 7 here, is trained to say "no
 # object".
 #
 # ### Checking the optimum by brute force
@@ -528,8 +528,8 @@ print("predicted objects per image (argmax is not 'no object'):", n_predicted, "
 print(f"matched queries: {sum(sizes)} of {B * Q}; the other {B * Q - sum(sizes)} have the target 'no object'")
 
 # %% [markdown]
-# The `cardinality_error` above (1.67) is large because the model predicts more objects than there
-# are (8 and 3 for images with 4 and 2 boxes): the duplicates and other extra confident queries we
+# The `cardinality_error` above (2.00) is large because the model predicts more objects than there
+# are (8 and 4 for images with 4 and 2 boxes): the duplicates and other extra confident queries we
 # met in sections 1 and 3. It is only
 # logged; the `loss_ce` term is what trains the unmatched duplicates towards "no object".
 

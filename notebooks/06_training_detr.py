@@ -74,9 +74,12 @@ device = torch.device("cpu")
 # textured backgrounds, and some images with no objects at all.
 #
 # The `detr-shapes` preset scales the official recipe down to small images (printed below): the
-# short side is drawn from a handful of sizes around 100 pixels (COCO: 480..800 in steps of 32) and
-# validation resizes to a single short side, the largest training size (COCO: 800; here 128). Small
-# images are what make CPU training possible at all.
+# short side is drawn from a handful of sizes around 100 pixels (COCO: 480..800 in steps of 32), and
+# for the last 20 of its 90 epochs every training size is multiplied by 1.25 (`data.late_scale`:
+# short side 120..160, about the bundled images' own size). This is progressive resizing: cheap small
+# images for most of the run, the evaluation size at its end. Validation resizes to a single short
+# side, the largest training size (COCO: 800; here 160). Small images are what make CPU training
+# possible at all.
 
 # %%
 cfg = get_config("detr-shapes")
@@ -92,6 +95,7 @@ print(
     "| val size",
     cfg.data.val_size,
 )
+print(f"after epoch {cfg.data.late_scale_after}: every training size x{cfg.data.late_scale} (data.late_scale)")
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -281,7 +285,7 @@ assert torch.isfinite(loss)
 # %%
 # stop after ~35 s, but never before 128 iterations (16 epochs): on a busy or slow CPU the budget alone may
 # allow too few steps for the loss to fall reliably (a CI run sharing its 2 cores with a training job failed here)
-BUDGET_S, MIN_ITERS = 35.0, 128  # 128 iterations alone: mean loss 24.9 -> 12.7
+BUDGET_S, MIN_ITERS = 35.0, 128  # 128 iterations alone: mean loss 24.82 -> 12.95
 subset = Subset(train_ds, range(32))
 loader = DataLoader(
     subset, batch_size=4, shuffle=True, collate_fn=collate_fn, generator=torch.Generator().manual_seed(0)
@@ -334,27 +338,27 @@ print("loss fell during the live run:", last < first)
 # ## 5. The shipped checkpoint: recipe and training curve
 #
 # Thirty-odd seconds is not enough to detect anything. The repository ships a toy DETR trained by
-# `make train` on this data: 10 minutes of backbone pretraining (section 2), then 90 epochs of DETR
-# with 10 object queries, fine-tuning the backbone's layer2-3 (44 minutes, about 25k optimiser
-# steps; both printed below), 54 minutes in all on two cores of an AVX-512 Intel Xeon. Its recipe,
-# what was tried, and its metrics sit beside it in `data/checkpoints/detr_shapes.md`, its per-epoch
-# metrics in `detr_shapes_log.jsonl`.
+# `make train` on this data: about 10 minutes of backbone pretraining (section 2), then 90 epochs of
+# DETR with 10 object queries, fine-tuning the backbone's layer2-3 (about 25k optimiser steps; the
+# run's own times are printed below), about an hour on a 2-core CPU in all (the card has the
+# timings). Its recipe, what was tried, and its metrics sit beside it in
+# `data/checkpoints/detr_shapes.md`, its per-epoch metrics in `detr_shapes_log.jsonl`.
 #
-# Read the verdict before the numbers: it is a real detector but not a finished one — AP 0.549, AP50
-# 0.805 on the validation images resized to short side 128. That meets the project's AP goal (0.50)
-# and, on this CPU, its budget of one hour on two cores, but not its AP50 goal (0.85). The hour
-# depends on the CPU: the previous shipped model, the same recipe run on two cores of an older
-# AVX2-only CPU, took 24 + 130 minutes, and reached AP 0.504 / AP50 0.758 — two runs of one seeded
-# recipe on different CPUs can differ by that much. It is good on medium and large shapes (APm
-# 0.661, APl 0.747) and weak on small ones (APs 0.324), and AP was still rising slowly at the end,
-# most of the last gain coming right after the learning-rate drop. Why 128: the official rule
-# is to evaluate at the largest training scale (DETR trains at 480..800 and evaluates at 800; this
-# recipe trains at 96..128); the card's table shows what other sizes give.
+# Read the verdict before the numbers: it is a real detector but not a finished one — AP 0.574, AP50
+# 0.839 on the validation images resized to short side 160. That meets the project's AP goal (0.50)
+# but not its AP50 goal (0.85). It is good on medium and large shapes (APm 0.672, APl 0.768) and
+# weaker on small ones (APs 0.378), and AP was still rising slowly at the end, most of the last gain
+# coming right after the learning-rate drop. Why 160: the official rule is to evaluate at the largest
+# training scale (DETR trains at 480..800 and evaluates at 800). This recipe trains at 96..128 for 70
+# epochs and at 120..160 for the last 20 (progressive resizing: small, cheap images for most of the
+# run, about the images' own size at its end), so it evaluates at 160. The previous shipped model,
+# trained at 96..128 throughout and evaluated at 128, reached AP 0.549 / AP50 0.805; the card's
+# table shows what other evaluation sizes give.
 #
 # Two choices made most of the difference, both measured in the card: 10 object queries instead of
 # 20 (each query is matched to an object more often), and letting DETR fine-tune the pretrained
 # backbone at half its own learning rate. With the backbone frozen, an earlier frozen-backbone model
-# reached AP 0.459; on the previous shipped model's pretext backbone, fine-tuning at the official
+# reached AP 0.459; on an earlier shipped model's pretext backbone, fine-tuning at the official
 # lr / 10 reached only 0.378, and frozen training on that backbone's twin (the same seeded pretext
 # run on another kind of CPU) 0.360. The original DETR needs 500 epochs on COCO with a pretrained
 # backbone; an hour on two CPU cores is a tiny budget. Without the pretrained backbone DETR stays
@@ -411,13 +415,17 @@ print(
 print(f"{epochs} epochs x {steps_per_epoch} steps = {epochs * steps_per_epoch} optimiser steps")
 
 # %% [markdown]
-# The curve shows DETR's slow but steady convergence: the training loss falls for about 80 epochs,
-# steps down at the learning-rate drop and is flat over the last ten (3.65 at epoch 90); the
-# validation loss falls down to the last evaluation (3.80 at epoch 90). Validation AP climbs fast at
-# first (0.085 at epoch 5, 0.304 at epoch 25), then slowly and noisily (it is measured on 150 images,
-# and dips at epochs 30, 50 and 70) to 0.455 at epoch 75, jumps when the learning rate drops after
-# epoch 78 (0.526 at epoch 80) and keeps rising slowly to the end (0.542 at 85, 0.549 at 90; AP50
-# flat at 0.806 / 0.805). A drop in the learning rate giving +0.07 AP at once is typical of DETR's
+# The curve shows DETR's slow but steady convergence, with two steps. The training loss falls for 70
+# epochs (4.68 at epoch 70), steps down once the training images grow to the evaluation size after
+# epoch 70 (4.17 at epoch 75, where the previous run, still on the small images, had 4.48), steps
+# down again at the learning-rate drop after epoch 78 and is flat over the last ten (3.26 at epoch
+# 90); the validation loss falls down to the last evaluation (3.33 at epoch 90). Validation AP,
+# measured at short side 160 throughout (for the first 70 epochs on larger images than the model
+# trains on), climbs fast at first (0.074 at epoch 5, 0.277 at epoch 25), then slowly and noisily (it
+# is measured on 150 images, and dips at epochs 30, 50, 60 and 70) to 0.393 at epoch 70, rises once
+# the training images grow (0.450 at epoch 75), jumps when the learning rate drops after epoch 78
+# (0.548 at epoch 80) and keeps rising slowly to the end (0.564 at 85, 0.574 at 90; AP50 0.817,
+# 0.834, 0.839). A drop in the learning rate giving about +0.1 AP at once is typical of DETR's
 # schedules (the official one drops after 200 of 300 or 400 of 500 epochs). Whether a longer
 # schedule would keep the curve rising is exercise 6.
 #
@@ -428,12 +436,12 @@ print(f"{epochs} epochs x {steps_per_epoch} steps = {epochs * steps_per_epoch} o
 # class per query, boxes → absolute `xyxy`), and hands them to pycocotools' `COCOeval` together with
 # the dataset's own ground truth. AP is averaged over IoU thresholds 0.50:0.95; AP50/AP75 at one
 # threshold; APs/APm/APl over small (< 32²), medium and large (> 96²) objects. The checkpoint's
-# config resizes the validation images to short side 128, as the training run did at each of its
+# config resizes the validation images to short side 160, as the training run did at each of its
 # evaluations, so the live table is checked against the log's last record (epoch 90). The two differ
 # only by the float16 storage of the shipped weights.
 
 # %%
-# the checkpoint's own data settings (val short side 128, the largest training scale) and batch size
+# the checkpoint's own data settings (val short side 160, the largest training scale) and batch size
 print("val short side:", ckpt_cfg.data.val_size, "| max side:", ckpt_cfg.data.val_max_size)
 val_ds = build_dataset(DATA, "val2017", ckpt_cfg.data, train=False)
 val_loader = DataLoader(val_ds, batch_size=ckpt_cfg.train.batch_size, shuffle=False, collate_fn=collate_fn)
@@ -521,16 +529,15 @@ print(
 assert across_images > 0.05, "the boxes should follow the image"
 
 # %% [markdown]
-# The boxes follow the objects of each image (their spread across images, 0.131, is of the same order
-# as across queries, 0.183), and every image's most confident box lies on an object: the large shapes
-# get confident, tight boxes (the big star at 1.00, the circle and the lower triangle at 0.99, the
-# large square at 0.98). 6 of the 7 objects are hit. Two signs of a DETR that has not converged show
-# too. Some objects are found less reliably: the small star on the red image gets no box above 0.5,
-# and the upper triangle, partly covered by the lower one, only 0.54. And the small square is
-# claimed by three queries above 0.5 (8 boxes drawn for 7 objects: 5 on the first image, whose
-# labels overlap; the top one reads 0.82). The set loss eventually teaches such duplicates to say
-# "no object" (which is why a converged DETR needs no NMS); here it has not finished, and both flaws
-# cost AP50.
+# The boxes follow the objects of each image (their spread across images, 0.146, is of the same order
+# as across queries, 0.192), and every image's most confident box lies on an object: the large shapes
+# get confident, tight boxes (the big star, the lower triangle and the large square at 1.00). 6 of
+# the 7 objects are hit, the small star on the red image included. Two signs of a DETR that has not
+# converged show too. Some objects are still missed: the upper triangle, partly covered by the lower
+# one, gets no box above 0.5. And the small square, the circle and the small star each get two boxes
+# above 0.5 (9 boxes drawn for 7 objects; the labels of each pair overlap). The set loss eventually
+# teaches such duplicates to say "no object" (which is why a converged DETR needs no NMS); here it
+# has not finished, and both flaws cost AP50.
 
 # %% [markdown]
 # ## 8. What the trained model attends to
@@ -538,7 +545,7 @@ assert across_images > 0.05, "the boxes should follow the image"
 # `capture_attention` records every attention layer's weights `[B, heads, Lq, Lk]` during a forward
 # pass. The feature grid is the image size divided by the backbone's stride, rounded up. The toy
 # model stops its ResNet-18 after `layer3` (stride 16 instead of the official 32: finer cells for
-# tiny images), so a validation image of short side 128 has 128 / 16 = 8 cells along that side; the
+# tiny images), so a validation image of short side 160 has 160 / 16 = 10 cells along that side; the
 # image drawn below and its grid are printed in the next cell.
 #
 # * **Encoder self-attention** (last layer, heads averaged): for a token inside an object, where does
@@ -548,7 +555,7 @@ assert across_images > 0.05, "the boxes should follow the image"
 #   where on the feature grid does it read from? The paper's COCO model looks at the object's
 #   extremities, where the box edges are decided.
 #
-# Our toy model trained for under an hour on a CPU; compare its maps with those descriptions and judge
+# Our toy model trained for about an hour on a CPU; compare its maps with those descriptions and judge
 # how far it got.
 
 # %%
@@ -624,18 +631,18 @@ assert all(on > share for on, share in dec_on_box.values()), "confident queries 
 
 # %% [markdown]
 # Uniform attention would put on a set of cells exactly those cells' share of the grid. The decoder
-# beats that, two to six times over: the lower triangle's query 9 puts 0.50 of its attention on the
-# cells of its box, which are 0.11 of the grid, the upper triangle's query 6 only 0.24 (it spreads
-# over both triangles), and the three square queries 3, 7 and 8 put 0.26, 0.14 and 0.19 on cells
-# that are 0.05, 0.05 and 0.03 of it. The square's three are the duplicates of section 7, each
-# brightest on the square's own cells; query 8's box is shifted partly off it. (This image now
-# runs alone, without the batch padding of section 7, and the same five detections are confident:
-# two triangles, three squares. Padding changes the backbone's features near the border; the card's
-# cached-views section measures the effect on AP.) At 16 pixels a cell, whether a query prefers an
-# object's extremities, as in the paper, cannot be told apart here. The encoder is further from the
-# paper's picture: the token in the lower triangle (gt 0) puts 0.41 on its object (0.11 of the grid)
-# and the one in the upper triangle 0.32, but both maps, and that of the token on the small square
-# (0.08 on its object against 0.05), are brightest on the same cell, where the two triangles meet.
+# beats that, four to seven times over: the lower triangle's query 9 puts 0.52 of its attention on
+# the cells of its box, which are 0.10 of the grid (brightest inside the triangle and at its
+# lower-left corner), and the two square queries 3 and 7 put 0.20 and 0.22 on cells that are 0.03
+# and 0.05 of it, both brightest on the square's own cell. They are the duplicates of section 7.
+# (This image now runs alone, without the batch padding of section 7, and the same three detections
+# are confident: the lower triangle and the square twice. Padding changes the backbone's features
+# near the border; the card's cached-views section measures the effect on AP.) At 16 pixels a cell,
+# whether a query prefers an object's extremities, as in the paper, cannot be told apart here. The
+# encoder is further from the paper's picture: the token in the lower triangle (gt 0) puts 0.39 on
+# its object's cells (0.13 of the grid) and the one in the upper triangle 0.33 (0.10), but both maps
+# are brightest on the same cell, where the two triangles meet. Only the token on the small square is
+# brightest on its own object (0.13 on its cells against 0.05), with the triangles' meeting cell next.
 # The toy encoder does not yet separate instances.
 
 # %% [markdown]
@@ -664,11 +671,12 @@ plt.show()
 # * The shipped checkpoint's recipe, curve and live COCO AP table (pycocotools on the dataset's own
 #   ground truth, exactly as for real COCO; it reproduces the training log's last record) show
 #   DETR's slow convergence: with a pretrained backbone whose layer2-3 it fine-tunes and 10 object
-#   queries, under an hour on two CPU cores reaches AP 0.549 / AP50 0.805 evaluated at short side 128,
-#   the largest training scale (the AP goal met, AP50 short of its 0.85; medium and large shapes well,
-#   small ones poorly, duplicate boxes not yet suppressed), the last gain coming from the
-#   learning-rate drop;
-#   from scratch DETR stays on the plateau where the boxes do not depend on the image.
+#   queries, about an hour on two CPU cores reaches AP 0.574 / AP50 0.839 evaluated at short side
+#   160, the largest training scale of its last phase (progressive resizing: 70 epochs on smaller
+#   images, the last 20 at about the images' own size). The AP goal is met, AP50 is short of its
+#   0.85: medium and large shapes well, small ones less well, duplicate boxes not yet suppressed; the
+#   last gain came from the learning-rate drop. From scratch DETR stays on the plateau where the
+#   boxes do not depend on the image.
 # * Offline, "pretrained" means a dense pretext on the training split (`python -m detr_lite.pretrain`:
 #   centre heatmaps + box sides), the toy stand-in for ImageNet weights.
 # * `capture_attention` exposes every attention map without editing the model: encoder
@@ -684,12 +692,12 @@ plt.show()
 #    happens to the number of predicted objects (`cardinality_error` in the records)?
 # 3. Remove gradient clipping (`clip_max_norm=0`). Plot the gradient norm per iteration with and
 #    without it.
-# 4. The card's table shows AP at val sizes 96..160, but it was measured on the validation split,
+# 4. The card's table shows AP at val sizes 128..192, but it was measured on the validation split,
 #    so choosing the size from it would tune on val. Choose it without looking at val: run
 #    `python -m detr_lite.evaluate --checkpoint data/checkpoints/detr_shapes.pt --split train2017
-#    --val-size N --val-max-size M` (the val transform on all training images; the card checked
-#    every 7th one) for N = 112, 128, 160, with M at least 1.5 N so that no image is capped (the
-#    preset's 192 would cap the wide ones at 160). Which N wins on the training split, does it
+#    --val-size N --val-max-size M` (the val transform on all training images) for N = 128, 160,
+#    192, with M at least 1.5 N so that no image is capped (the preset's 240 would cap the wide ones
+#    at 192). Which N wins on the training split, does it
 #    agree with the official rule (the largest training scale), and which of APs / APm / APl moves
 #    most as N grows (how many stride-16 cells does a small shape cover)? Then, on val, set
 #    `params.useCats = 0` on a pycocotools `COCOeval` of `engine.coco_detections`: how much of the
@@ -697,8 +705,8 @@ plt.show()
 # 5. Build a fresh model *without* `load_backbone_weights` (its backbone starts random: the stem and
 #    `layer1` stay frozen at random values, `layer2`-`layer3` train) and rerun the live run. Which
 #    loss terms fall, and which cannot? What does that say about the role of pretraining?
-# 6. Train the full recipe yourself with `make train` (under an hour to two and a half hours on two
-#    CPU cores, depending on the CPU; minutes on a GPU), then compare your AP table and curve with
+# 6. Train the full recipe yourself with `make train` (about an hour on a 2-core CPU, longer on a
+#    slower one: the card has the timings; minutes on a GPU), then compare your AP table and curve with
 #    the shipped ones; then give it 30 more epochs (`--resume --epochs 120`): does AP keep rising?
 
 # %%

@@ -490,10 +490,11 @@ for b in range(B):
 #
 # **Validation size.** Both curves here were evaluated at validation short side 112, the toy
 # Deformable DETR's own evaluation size, at which the from-scratch DETR record was evaluated too. The
-# shipped DETR is evaluated at short side 128, its largest training scale (as official DETR trains at
-# 480–800 and evaluates at 800), during training and after; its card measures that the same weights
-# score AP 0.512 at 112 and 0.549 at 128. Its numbers below are at 128, one more reason they are for
-# reference only.
+# shipped DETR is evaluated at short side 160, the largest training scale of its last phase (its
+# recipe trains on smaller images, short side 96–128, for 70 epochs, then at about the images' own
+# size, 120–160, for the last 20: progressive resizing; official DETR likewise trains at 480–800 and
+# evaluates at 800), during training and after. Its numbers below are at 160, one more reason they
+# are for reference only.
 
 
 # %%
@@ -565,7 +566,7 @@ if detr_final < 0.05:
     )
 # the shipped DETR (pretrained backbone, layer2-3 fine-tuned): its training run evaluated at its own size
 detr_model, detr_cfg, detr_ckpt = load_checkpoint(CKPT_DIR / "detr_shapes.pt")
-assert (detr_cfg.data.val_size, cfg.data.val_size) == (128, 112)  # its log is not at the curves' size
+assert (detr_cfg.data.val_size, cfg.data.val_size) == (160, 112)  # its log is not at the curves' size
 shipped = read_log(CKPT_DIR / "detr_shapes_log.jsonl")
 print(
     f"for reference, the shipped DETR (pretrained backbone, not a like-for-like comparison): AP "
@@ -578,13 +579,17 @@ print(
 # predicted box move from image to image? A model on the plateau predicts (almost) the same boxes for
 # every image (the from-scratch DETR record measured 0.002 across images against 0.21 across
 # queries); a model that looks at the image does not. Below: the shipped DETR and the toy Deformable
-# DETR, both on the same 16 images, at each model's evaluation size (short side 112 for the
-# Deformable DETR, 128 for the shipped DETR), so the two are compared at both.
+# DETR, both on the same 16 images, at each model's evaluation size (short side 112, long side at
+# most 192, for the Deformable DETR; 160 and at most 240 for the shipped DETR), so the two are
+# compared at both.
 
 # %%
-assert detr_cfg.data.val_max_size == cfg.data.val_max_size  # only the short side differs
-for size in sorted({cfg.data.val_size, detr_cfg.data.val_size}):
-    val_n = build_dataset(DATA, "val2017", dataclasses.replace(cfg.data, val_size=size), train=False)
+sizes = {(d.val_size, d.val_max_size) for d in (cfg.data, detr_cfg.data)}  # each model's val resize
+assert sizes == {(112, 192), (160, 240)}
+for size, max_size in sorted(sizes):
+    val_n = build_dataset(
+        DATA, "val2017", dataclasses.replace(cfg.data, val_size=size, val_max_size=max_size), train=False
+    )
     imgs, msk, _ = collate_fn([val_n[i] for i in range(16)])  # one batch for both models
     for name, net in [("DETR", detr_model), ("Deformable DETR", model)]:
         boxes = net(imgs, msk)["pred_boxes"]  # [16, Q, 4]
@@ -602,9 +607,9 @@ for size in sorted({cfg.data.val_size, detr_cfg.data.val_size}):
 # begins to separate objects within the first epochs. The chart shows the difference in how fast
 # they start, which is the effect the paper is about. The shipped DETR shows the other cure, the one
 # the official recipe relies on: a pretrained backbone (notebook 06). Both loaded models are off the
-# plateau: their boxes move from image to image (std 0.144 at short side 112 and 0.142 at 128 for
-# the shipped DETR, 0.060 at both for the Deformable DETR, against the from-scratch record's 0.002),
-# and the evaluation size barely changes that.
+# plateau: their boxes move from image to image (std 0.139 at short side 112 and 0.140 at 160 for
+# the shipped DETR, 0.060 and 0.061 for the Deformable DETR, against the from-scratch record's
+# 0.002), and the evaluation size barely changes that.
 
 # %%
 print(f"notebook ran in {time.perf_counter() - notebook_start:.0f} s")

@@ -274,8 +274,10 @@ if SMOKE:
 # ## 7. Evaluate with pycocotools, next to the papers
 #
 # `python -m detr_lite.evaluate` rebuilds the model from the checkpoint's config, runs the val2017
-# transform (shorter side 800, longer ≤ 1333 for the COCO presets; in smoke mode the toy preset's
-# 128, like 800 the largest training scale), and hands the detections to `COCOeval` — the numbers
+# transform (shorter side 800, longer ≤ 1333 for the COCO presets; in smoke mode, for `ARCH =
+# "detr_r50"`, the toy `detr-shapes` preset's 160, like 800 the largest training scale: that preset
+# trains its last 20 of 90 epochs at short side 120–160, which a 2-iteration smoke run never
+# reaches), and hands the detections to `COCOeval` — the numbers
 # papers report. Here the run's AP sits next to the published one for the
 # same architecture (smoke mode: 2 iterations on 6 images, so expect an AP of ~0).
 
