@@ -4,7 +4,9 @@ A checkpoint is a plain dict::
 
     {'model': state_dict, 'config': Config.to_dict(), 'meta': {...},
      # resumable training checkpoints add
-     'optimizer': ..., 'lr_scheduler': ..., 'epoch': int, 'rng': {...}, 'metrics': [...]}
+     'optimizer': ..., 'lr_scheduler': ..., 'epoch': int, 'rng': {...}, 'metrics': [...],
+     # and, with train.ema_decay, the live weights ('model' is then their moving average)
+     'model_train': state_dict}
 
 Everything in it is a tensor or a plain Python type, so it loads with
 ``torch.load(path, weights_only=True)``, which refuses to run arbitrary pickled code.

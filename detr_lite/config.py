@@ -106,6 +106,11 @@ class TrainConfig:
     # near the padding differ from those of the image alone; a model trained on cached per-image
     # features (cached_views) is evaluated on unpadded images with 1
     eval_batch_size: int = 0
+    # 0: off (official DETR). d in (0, 1): also keep an exponential moving average of the weights,
+    # ema = d * ema + (1 - d) * weights after every optimiser step (horizon ~1 / (1 - d) steps);
+    # validation, the checkpoint's "model" and everything that loads it use the average, and the
+    # raw training weights ride along as "model_train" for --resume (not part of the official recipe)
+    ema_decay: float = 0.0
 
     @property
     def val_batch_size(self) -> int:

@@ -83,6 +83,49 @@ def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+class ModelEma:
+    """An exponential moving average of a model's weights (``train.ema_decay``).
+
+    ``module`` is a frozen copy of the bare model, in eval mode. After every optimiser step
+    :meth:`update` moves each floating-point parameter towards the live one,
+    ``ema = decay * ema + (1 - decay) * param`` (one fused ``_foreach_lerp_``), and copies the
+    buffers (FrozenBatchNorm2d statistics, position tables) as they are. The average is what a run
+    with EMA evaluates and ships; :meth:`state_dict` / :meth:`load_state_dict` carry it through
+    checkpoints so a resumed run continues the same average.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0, 1), got {decay!r}")
+        import copy
+
+        self.decay = float(decay)
+        self.module = copy.deepcopy(unwrap_model(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        live = unwrap_model(model)
+        ema, src = [], []
+        for e, p in zip(self.module.parameters(), live.parameters()):
+            if p.requires_grad and p.is_floating_point():
+                ema.append(e)
+                src.append(p.detach())
+            else:  # frozen: nothing to average
+                e.copy_(p)
+        if ema:
+            torch._foreach_lerp_(ema, src, 1.0 - self.decay)
+        for e, b in zip(self.module.buffers(), live.buffers()):
+            e.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state_dict, strict=True)
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
@@ -147,11 +190,13 @@ def train_one_epoch(
     log: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
     features_input: bool = False,
+    ema: ModelEma | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``loader`` (or ``max_iters`` batches); returns averaged metrics.
 
     ``features_input``: the loader yields cached backbone features ``(feature, mask, targets)``
-    (``detr_lite.feature_cache``) instead of ``(images, mask, targets)``.
+    (``detr_lite.feature_cache``) instead of ``(images, mask, targets)``. ``ema``: a
+    :class:`ModelEma` updated after every optimiser step.
 
     Each iteration calls ``log`` (if given) with a record holding the total loss, every weighted
     term, ``class_error``, the learning rate, seconds per iteration and images per second, all
@@ -220,6 +265,8 @@ def train_one_epoch(
             scaler.update()
         else:
             optimizer.step()
+        if ema is not None:
+            ema.update(model)
 
         now = time.perf_counter()
         dt = now - t_last

@@ -38,6 +38,7 @@ from detr_lite.checkpoint import (
 )
 from detr_lite.config import PRESETS, Config, get_config
 from detr_lite.engine import (
+    ModelEma,
     NonFiniteLossError,
     amp_dtype_for,
     build_lr_scheduler,
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lr-drop", type=int,
         help="epoch after which every lr is multiplied by 0.1 (with --resume: allowed while no drop has happened)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ema-decay", type=float,
+        help="also keep a moving average of the weights (e.g. 0.998), evaluated and saved as the model; 0: off",
     )  # fmt: skip
     p.add_argument("--num-workers", type=int, help="DataLoader workers")
     p.add_argument(
@@ -141,6 +146,7 @@ def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
         "eval_every": (t, "eval_every"),
         "seed": (t, "seed"),
         "cached_views": (t, "cached_views"),
+        "ema_decay": (t, "ema_decay"),
         "num_workers": (d, "num_workers"),
         "data": (d, "root"),
         "pretrained_backbone": (m, "pretrained_backbone"),
@@ -261,6 +267,18 @@ def check_late_scale(cfg: Config) -> None:
         )
 
 
+def check_ema(cfg: Config) -> None:
+    """One-line ``ValueError`` for a bad ``train.ema_decay`` (0 = off, else in (0, 1)), before heavy work."""
+    d = cfg.train.ema_decay
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not (d == 0 or 0 < d < 1):
+        raise ValueError(f"config {cfg.name}: train.ema_decay must be 0 (off) or in (0, 1), got {d!r}")
+    if d and cfg.train.cached_views > 0:
+        raise ValueError(
+            f"config {cfg.name}: train.ema_decay {d} with train.cached_views {cfg.train.cached_views}: "
+            "not supported together; set one of them off"
+        )
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return seed + 1000 * (epoch + 1) + 7919 * rank
 
@@ -372,6 +390,7 @@ def run(args: argparse.Namespace) -> int:
         validate_coco_folder(cfg.data.root, split)
     check_cacheable(cfg)
     check_late_scale(cfg)
+    check_ema(cfg)
     if resume_ckpt is None:
         resolve_num_classes(cfg, args.num_classes)
     starts_from_weights = bool(args.finetune or args.backbone_weights)
@@ -451,7 +470,9 @@ def run(args: argparse.Namespace) -> int:
 
     start_epoch, history, wall_before = 0, [], 0.0
     if resume_ckpt is not None:
-        load_state_dict_checked(model, resume_ckpt["model"], source=str(ckpt_path))
+        if cfg.train.ema_decay and "model_train" not in resume_ckpt:
+            raise ValueError(f"--resume: {ckpt_path} has train.ema_decay but no 'model_train' weights")
+        load_state_dict_checked(model, resume_ckpt.get("model_train", resume_ckpt["model"]), source=str(ckpt_path))
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         lr_scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
         lr_scheduler.step_size = max(1, cfg.train.lr_drop)  # --lr-drop may have moved it (checked above)
@@ -465,6 +486,11 @@ def run(args: argparse.Namespace) -> int:
         if main:
             print(f"resuming {ckpt_path} at epoch {start_epoch}")
 
+    # the moving average of the weights (train.ema_decay), built from the loaded weights; a resumed
+    # run continues the checkpoint's average, which is its "model"
+    ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    if ema is not None and resume_ckpt is not None:
+        load_state_dict_checked(ema.module, resume_ckpt["model"], source=str(ckpt_path))
     if args.compile:
         model = torch.compile(model)
     if distributed:
@@ -524,7 +550,7 @@ def run(args: argparse.Namespace) -> int:
                 model, criterion, train_loader, optimizer, device, epoch,
                 clip_max_norm=cfg.train.clip_max_norm, scaler=scaler, amp_dtype=amp_dtype,
                 channels_last=args.channels_last, max_iters=args.max_iters_per_epoch,
-                log=log.write, progress=progress, features_input=cached is not None,
+                log=log.write, progress=progress, features_input=cached is not None, ema=ema,
             )  # fmt: skip
         except NonFiniteLossError as e:
             log.write({"type": "error", "epoch": epoch, "message": str(e)})
@@ -546,13 +572,15 @@ def run(args: argparse.Namespace) -> int:
         is_last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.eval_every == 0 or is_last:
             metrics = evaluate(
-                model, postprocessor, val_loader, coco_gt, device, criterion=criterion,
+                model if ema is None else ema.module, postprocessor, val_loader, coco_gt, device, criterion=criterion,
                 amp_dtype=amp_dtype, channels_last=args.channels_last,
                 max_iters=args.max_iters_per_epoch, progress=progress,
             )  # fmt: skip
             record["val_loss"] = metrics["loss"]
             record.update({k: metrics[k] for k in AP_KEYS})
             record["val_images"] = metrics["num_images"]
+            if ema is not None:
+                record["val_weights"] = f"ema {cfg.train.ema_decay:g}"
             last_eval = record
         record["epoch_time_s"] = time.perf_counter() - t0
         record["max_memory_mb"] = max(D.all_gather_object(max_memory_mb(device)))
@@ -561,14 +589,17 @@ def run(args: argparse.Namespace) -> int:
         if main:
             log.write(record)
             wall = wall_before + time.perf_counter() - t_run
+            # with EMA the average is the checkpoint's "model" (evaluated, exported, loaded by every
+            # tool); the live weights are "model_train", needed only by --resume
+            train_state = {"model_train": D.unwrap_model(model).state_dict()} if ema is not None else {}
             save_checkpoint(
-                ckpt_path, model, cfg,
+                ckpt_path, model if ema is None else ema.module, cfg,
                 meta={"command": " ".join(["python -m detr_lite.train", *sys.argv[1:]]), "train_wall_time_s": wall, "world_size": D.get_world_size(),
                       **({"backbone_weights": provenance} if provenance else {})},
                 optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
                 epoch=epoch + 1, rng=get_rng_state(), metrics=history,
                 sampler_generator=batches.generator.get_state(),
-                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}), **train_state,
             )  # fmt: skip
             write_json_atomic(
                 {"history": history, "last_eval": last_eval, "train_wall_time_s": wall},
