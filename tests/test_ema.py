@@ -14,16 +14,11 @@ from detr_lite.engine import ModelEma
 from detr_lite.utils import AP_KEYS, read_jsonl
 from tests.test_train_cli import (
     _iter_losses,
-    make_tiny_coco,
+    assert_config_error,
     one_thread,  # noqa: F401 (autouse fixture: one intra-op thread)
     tiny_cfg,
     train_main,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return make_tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
 
 
 def _ema_config(path, root, **train):
@@ -122,15 +117,7 @@ def test_ema_off_by_default_keeps_the_plain_checkpoint(tmp_path, tiny_data):
     ],
 )
 def test_bad_ema_decay_is_a_one_line_error_before_training(tmp_path, tiny_data, capsys, train, message):
-    cfg = tiny_cfg(tiny_data).to_dict()
-    cfg["train"].update(train)
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(cfg))
-    out = tmp_path / "run"
-    assert train_main("--config", str(path), "--no-progress", "--output", str(out)) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
-    assert not (out / "checkpoint.pt").exists()
+    assert_config_error(tmp_path, tiny_data, capsys, message, train=train)
 
 
 def test_ema_decay_flag_sets_the_config(tmp_path, tiny_data, capsys):

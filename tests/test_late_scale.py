@@ -16,16 +16,11 @@ from detr_lite.utils import read_jsonl
 from tests.test_train_cli import (
     SHAPES,
     _iter_losses,
-    make_tiny_coco,
+    assert_config_error,
     one_thread,  # noqa: F401 (autouse fixture: one intra-op thread)
     tiny_cfg,
     train_main,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return make_tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
 
 
 def test_scaled_sizes_multiply_every_training_size():
@@ -125,15 +120,5 @@ def test_late_scale_switch_is_logged_and_resume_across_it_is_exact(tmp_path, tin
     ],
 )
 def test_bad_late_scale_is_a_one_line_error_before_training(tmp_path, tiny_data, capsys, data, train, message):
-    cfg = tiny_cfg(tiny_data).to_dict()
-    cfg["data"].update(data)
-    cfg["train"].update(train)
-    if train.get("cached_views"):
-        cfg["model"].update(train_backbone=False, frozen_bn=True)
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(cfg))
-    out = tmp_path / "run"
-    assert train_main("--config", str(path), "--no-progress", "--output", str(out)) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
-    assert not (out / "checkpoint.pt").exists()
+    model = {"train_backbone": False, "frozen_bn": True} if train.get("cached_views") else {}
+    assert_config_error(tmp_path, tiny_data, capsys, message, data=data, train=train, model=model)

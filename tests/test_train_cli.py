@@ -1,7 +1,7 @@
 """The training / evaluation CLIs end to end on a tiny subset of the bundled data.
 
-Helpers here (``make_tiny_coco``, ``tiny_model_cfg``, ``tiny_cfg``, ``write_tiny_config``, the
-``one_thread`` fixture) are reused by test_ddp.py, test_engine.py, test_checkpoint.py and
+Helpers here (``make_tiny_coco``, ``tiny_model_cfg``, ``tiny_cfg``, ``write_tiny_config``,
+``assert_config_error``, the ``one_thread`` fixture; ``tiny_data`` is in conftest.py) are reused by test_ddp.py, test_engine.py, test_checkpoint.py and
 test_coco_data.py.
 """
 
@@ -101,6 +101,21 @@ def run_cli(*args: str, module: str = "detr_lite.train", timeout: int = 240) -> 
     )
 
 
+def assert_config_error(tmp_path: Path, root: Path, capsys, message: str, **sections: dict) -> None:
+    """A tiny config with ``sections`` (e.g. ``train={...}``) merged in fails with one stderr line holding
+    ``message`` (exit code 2), before any checkpoint is written."""
+    cfg = tiny_cfg(root).to_dict()
+    for name, values in sections.items():
+        cfg[name].update(values)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    assert train_main("--config", str(path), "--no-progress", "--output", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (out / "checkpoint.pt").exists()
+
+
 def train_main(*args: str) -> int:
     """``python -m detr_lite.train ARGS`` in this process (saves the interpreter start-up)."""
     from detr_lite import train
@@ -115,11 +130,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return make_tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
 
 
 @pytest.fixture(scope="module")
