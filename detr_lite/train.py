@@ -279,6 +279,11 @@ def check_ema(cfg: Config) -> None:
         )
 
 
+def ema_window(decay: float) -> int:
+    """The number of steps a moving average with this decay mostly covers: 1 / (1 - decay)."""
+    return round(1.0 / (1.0 - decay))
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return seed + 1000 * (epoch + 1) + 7919 * rank
 
@@ -515,6 +520,18 @@ def run(args: argparse.Namespace) -> int:
                     f"note: train.cached_views caches features of unpadded images, but validation batches of "
                     f"{cfg.train.val_batch_size} pad them (measured: AP 0.24 vs 0.29 at batch 1); "
                     "set train.eval_batch_size 1 to evaluate as trained",
+                    file=sys.stderr,
+                )
+        if ema is not None:
+            steps_left = (cfg.train.epochs - start_epoch) * len(train_loader)
+            if args.max_iters_per_epoch:
+                steps_left = (cfg.train.epochs - start_epoch) * min(len(train_loader), args.max_iters_per_epoch)
+            window = ema_window(cfg.train.ema_decay)
+            if steps_left < 3 * window:
+                print(
+                    f"note: train.ema_decay {cfg.train.ema_decay:g} averages over ~{window} steps, but this run "
+                    f"has {steps_left}: the evaluated and saved average stays close to the starting weights; "
+                    "set train.ema_decay 0 (--ema-decay 0) for a short run",
                     file=sys.stderr,
                 )
 

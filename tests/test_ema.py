@@ -55,10 +55,11 @@ def test_update_is_the_exponential_average_of_trainable_weights():
             ModelEma(model, bad)
 
 
-def test_training_with_ema_checkpoints_and_evaluates_the_average(tmp_path, tiny_data):
+def test_training_with_ema_checkpoints_and_evaluates_the_average(tmp_path, tiny_data, capsys):
     config = _ema_config(tmp_path / "ema.json", tiny_data, ema_decay=0.5)
     out = tmp_path / "run"
     assert train_main("--config", str(config), "--no-progress", "--device", "cpu", "--output", str(out)) == 0
+    assert "averages over" not in capsys.readouterr().err  # a window of ~2 steps: long enough, no note
     ck = read_checkpoint(out / "checkpoint.pt")
     assert ck["config"]["train"]["ema_decay"] == 0.5
     trainable = [k for k in ck["model"] if k.startswith("transformer.") and ck["model"][k].is_floating_point()]
@@ -126,6 +127,8 @@ def test_ema_decay_flag_sets_the_config(tmp_path, tiny_data, capsys):
     assert train_main("--config", str(config), "--no-progress", "--device", "cpu", "--ema-decay", "0.9",
                       "--max-iters-per-epoch", "1", "--output", str(out)) == 0  # fmt: skip
     assert json.loads((out / "config.json").read_text())["train"]["ema_decay"] == 0.9
+    # a run far shorter than the average's window is told so (one step against ~10)
+    assert "train.ema_decay 0.9 averages over ~10 steps, but this run has 1:" in capsys.readouterr().err
     assert train_main("--config", str(config), "--no-progress", "--ema-decay", "2",
                       "--output", str(tmp_path / "bad")) == 2  # fmt: skip
     assert "train.ema_decay must be 0 (off) or in (0, 1), got 2.0" in capsys.readouterr().err
