@@ -130,16 +130,17 @@ plt.show()
 # objects.
 #
 # Our toy checkpoint is a real but imperfect detector. Evaluated at that short side 160,
-# `python -m detr_lite.evaluate` (and its card `detr_shapes.md`) gives val AP 0.574 (AP50 0.839,
-# AP75 0.639) after 90 CPU epochs on top of a pretrained backbone whose `layer2` and `layer3` it
-# fine-tunes: large shapes are found well (APl 0.768), small ones less well (APs 0.378). On this image
-# (below) 8 of the 10 queries have p(object) > 0.5 for 4 objects. The five most sure of an object sit
-# on all four, each with the right class, but not one per object: two claim the small square (q8 and
-# q7, p(object) 0.89 and 0.84; their boxes almost coincide in the figure), and three more confident
-# queries (q0, q4 and q5, 0.84, 0.80 and 0.68) are not even drawn. The model is more
-# sure of "some object here" than of "only one query per object". That makes it a good input for
-# this notebook: the matcher must pick exactly one candidate per object, and the loss then pushes
-# every other query, duplicates included, towards "no object".
+# `python -m detr_lite.evaluate` (and its card `detr_shapes.md`) gives val AP 0.586 (AP50 0.855,
+# AP75 0.648) after 90 CPU epochs on top of a pretrained backbone whose `layer2` and `layer3` it
+# fine-tunes: large shapes are found well (APl 0.752), small ones less well (APs 0.387). On this image
+# (below) 8 of the 10 queries have p(object) > 0.5 for 4 objects. The four most sure of an object sit
+# one on each, with the right class (q1, q2, q9 and q8). The fifth, q5 (square, 0.86), is a false
+# positive: its box frames the cross's left arm and the top of the circle. Three more confident
+# queries (q7, q0 and q4, 0.79, 0.77 and 0.64) are not even drawn; q7 and q0 are second guesses at
+# the small square and the circle. The model is more sure of "some object here" than of "only one
+# query per object". That makes it a good input for this notebook: the matcher must pick exactly one
+# candidate per object, and the loss then pushes every other query, duplicates and the false
+# positive included, towards "no object".
 
 # %%
 outputs = model(image[None], torch.zeros(1, H, W, dtype=torch.bool))
@@ -312,15 +313,15 @@ for i, j in zip(row, col):
 
 # %% [markdown]
 # Both objects with two confident candidates went to the candidate that is better on every term. The
-# circle went to query 9 (C −2.473: −p −0.985, L1 0.038, −GIoU −0.838), not to query 0 (C −1.415,
-# p(object) 0.84), which has a less sure class (−p −0.826) and a looser box (L1 0.113, −GIoU
-# −0.577); the small square went to query 8 (C −2.464: −p −0.730, L1 0.009, −GIoU −0.889), not to
-# query 7 (C −1.944, p(object) 0.84; −p −0.647, L1 0.026, −GIoU −0.713), by a margin of 0.520. Here
+# circle went to query 9 (C −1.907: −p −0.975, L1 0.065, −GIoU −0.627), not to query 0 (C −1.394,
+# p(object) 0.77), which has a less sure class (−p −0.753) and a looser box (L1 0.107, −GIoU
+# −0.588); the small square went to query 8 (C −2.230: −p −0.770, L1 0.014, −GIoU −0.766), not to
+# query 7 (C −1.418, p(object) 0.79; −p −0.700, L1 0.046, −GIoU −0.474), by a margin of 0.812. Here
 # the surer class and the tighter box belong to the same query; that need not be so, and since the
 # cost scores class and box together, on another image a tighter box can outweigh a surer class. The
-# cross and the big square have no serious rival: they went to queries 1 and 2 (C −2.384 and
-# −2.335), and the runner-up of both is query 4 (C +2.329 and +2.010), which does call its box a
-# cross (p(object) 0.80), but the box is far off. That is how DETR learns to do without non-maximum
+# cross and the big square have no serious rival: they went to queries 1 and 2 (C −2.558 and
+# −2.351), and the runner-up of both is query 4 (C +2.390 and +2.239), which does call its box a
+# cross (p(object) 0.64), but the box is far off. That is how DETR learns to do without non-maximum
 # suppression: a second query on the same object, like query 0 or 7 here, is trained to say "no
 # object".
 #
@@ -528,8 +529,8 @@ print("predicted objects per image (argmax is not 'no object'):", n_predicted, "
 print(f"matched queries: {sum(sizes)} of {B * Q}; the other {B * Q - sum(sizes)} have the target 'no object'")
 
 # %% [markdown]
-# The `cardinality_error` above (2.00) is large because the model predicts more objects than there
-# are (8 and 4 for images with 4 and 2 boxes): the duplicates and other extra confident queries we
+# The `cardinality_error` above (2.33) is large because the model predicts more objects than there
+# are (8 and 5 for images with 4 and 2 boxes): the duplicates and other extra confident queries we
 # met in sections 1 and 3. It is only
 # logged; the `loss_ce` term is what trains the unmatched duplicates towards "no object".
 

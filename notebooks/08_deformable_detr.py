@@ -484,8 +484,9 @@ for b in range(B):
 # (`data/checkpoints/detr_shapes_scratch.md`: ResNet-18 stages, d = 128, 3 + 3 layers, same data,
 # batch and learning rate, 20 epochs); the Deformable preset is given about a third of those epochs.
 # (The shipped `detr_shapes.pt` is trained differently: on a *pretrained* backbone whose layer2-3 it
-# fine-tunes, with 10 object queries, for 90 epochs; it is printed for reference, not compared.) The per-epoch
-# validation metrics ship beside the checkpoints (`*_log.jsonl`). We test the claim in this form:
+# fine-tunes, with 10 object queries, for 90 epochs, and what it ships and logs is a moving average of
+# its weights; it is printed for reference, not compared.) The per-epoch validation metrics ship
+# beside the checkpoints (`*_log.jsonl`). We test the claim in this form:
 # *does Deformable DETR reach the from-scratch DETR's final AP within a third of DETR's epochs?*
 #
 # **Validation size.** Both curves here were evaluated at validation short side 112, the toy
@@ -607,7 +608,7 @@ for size, max_size in sorted(sizes):
 # begins to separate objects within the first epochs. The chart shows the difference in how fast
 # they start, which is the effect the paper is about. The shipped DETR shows the other cure, the one
 # the official recipe relies on: a pretrained backbone (notebook 06). Both loaded models are off the
-# plateau: their boxes move from image to image (std 0.139 at short side 112 and 0.140 at 160 for
+# plateau: their boxes move from image to image (std 0.144 at short side 112 and 0.139 at 160 for
 # the shipped DETR, 0.060 and 0.061 for the Deformable DETR, against the from-scratch record's
 # 0.002), and the evaluation size barely changes that.
 
