@@ -55,6 +55,36 @@ def test_update_is_the_exponential_average_of_trainable_weights():
             ModelEma(model, bad)
 
 
+def test_update_lists_tensors_once_and_follows_loads_and_new_models():
+    """The tensors are listed on the first update of a live model: later in-place changes (optimiser
+    steps, buffer updates, a loaded average) are seen; a different live model is listed afresh."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = ModelEma(model, 0.5)
+    ema.update(model)
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+        model[1].running_var.add_(3.0)
+    before = ema.module[0].weight.clone()
+    ema.update(model)
+    torch.testing.assert_close(ema.module[0].weight, 0.5 * before + 0.5 * model[0].weight, rtol=0, atol=1e-7)
+    assert torch.equal(ema.module[1].running_var, model[1].running_var)
+    saved = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema.update(model)
+    ema.load_state_dict(saved)  # as a resume does: copies into the listed tensors
+    ema.update(model)
+    torch.testing.assert_close(
+        ema.module[0].weight, 0.5 * saved["0.weight"] + 0.5 * model[0].weight, rtol=0, atol=1e-7
+    )
+    other = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema.update(other)
+    torch.testing.assert_close(
+        ema.module[0].weight, 0.25 * saved["0.weight"] + 0.25 * model[0].weight + 0.5 * other[0].weight,
+        rtol=0, atol=1e-6,
+    )
+    assert torch.equal(ema.module[1].running_var, other[1].running_var)
+
+
 def test_training_with_ema_checkpoints_and_evaluates_the_average(tmp_path, tiny_data, capsys):
     config = _ema_config(tmp_path / "ema.json", tiny_data, ema_decay=0.5)
     out = tmp_path / "run"

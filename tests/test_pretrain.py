@@ -207,19 +207,27 @@ def test_pretext_deeper_than_the_detr_cut(tmp_path, tiny, capsys):
         load_backbone_weights(deep_model, shallow)
 
 
-def test_pretrain_is_reproducible(tmp_path, tiny):
+def test_pretrain_is_reproducible(tmp_path, tiny, capsys):
     """Same config and seed -> the same backbone, bit for bit (every RNG of the augmentation is seeded:
-    the random crop draws from Python's ``random``, the rest from torch)."""
+    the random crop draws from Python's ``random``, the rest from torch), however often the val losses
+    are computed (``--val-every``: default 5 and after the last epoch)."""
     _, cfg_path, _ = tiny
     outs = []
-    for name in ("a.pt", "b.pt"):
+    for name, extra in (("a.pt", []), ("b.pt", ["--val-every", "1"])):
         random.seed(len(name) + len(outs))  # whatever state the process is in
         torch.manual_seed(len(outs))
         args = ["--config", str(cfg_path), "--output", str(tmp_path / name), "--epochs", "2", "--no-progress"]
-        assert pretrain_main(args) == 0
+        assert pretrain_main(args + extra) == 0
         outs.append(read_checkpoint(tmp_path / name))
     a, b = (o["model"] for o in outs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = ("train_time_s",)
     ha, hb = ([{k: v for k, v in h.items() if k not in strip} for h in o["meta"]["history"]] for o in outs)
-    assert ha == hb
+    assert "val_loss_heat" not in ha[0] and "val_loss_heat" in hb[0]  # default: no val after epoch 1 of 2
+    assert ha[1] == hb[1]  # the last epoch always has them, identical
+    assert ha[0] == {k: v for k, v in hb[0].items() if not k.startswith("val_")}
+    out = capsys.readouterr().out
+    assert "pretrain epoch 1/2: heat" in out and "(val " in out.split("pretrain epoch 2/2")[1]
+    assert pretrain_main(["--config", str(cfg_path), "--output", str(tmp_path / "c.pt"), "--val-every", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--val-every: expected >= 1, got 0" in err and len(err.strip().splitlines()) == 1
