@@ -341,9 +341,9 @@ print("loss fell during the live run:", last < first)
 # `make train` on this data: about 10 minutes of backbone pretraining (section 2), then 90 epochs of
 # DETR with 10 object queries, fine-tuning the backbone's layer2-3, at a constant learning rate and
 # keeping a moving average of the weights (about 25k optimiser steps; the run's own times are printed
-# below), just over an hour on a 2-core CPU in all (61 minutes; the card has the timings). Its recipe,
-# what was tried, and its metrics sit beside it in `data/checkpoints/detr_shapes.md`, its per-epoch
-# metrics in `detr_shapes_log.jsonl`.
+# below), about an hour on a 2-core CPU in all (59.8 minutes for this file, 61 on a slower day; the card
+# has the timings). Its recipe, what was tried, and its metrics sit beside it in
+# `data/checkpoints/detr_shapes.md`, its per-epoch metrics in `detr_shapes_log.jsonl`.
 #
 # Read the verdict before the numbers: it is a real detector but not a finished one — AP 0.586, AP50
 # 0.855 on the validation images resized to short side 160. That meets both of the project's goals,
