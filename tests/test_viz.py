@@ -64,35 +64,63 @@ def test_show_mask_draws_padding_white():
     assert data[0, 7] == 1.0 and data[0, 0] == 0.0
 
 
-def test_plot_pe_channels_one_panel_per_channel():
+def test_plot_pe_channels_one_panel_per_channel_and_a_colour_scale():
     fig = viz.plot_pe_channels(torch.zeros(1, 16, 5, 7), channels=[0, 3, 8])
-    assert isinstance(fig, Figure) and len(fig.axes) == 3
+    assert isinstance(fig, Figure) and len(fig.axes) == 3 + 1  # three panels, one colorbar
     assert fig.axes[1].get_title() == "channel 3"
+    assert fig.axes[-1].get_ylabel() == "code value"
 
 
-def test_show_attention_maps_layout_and_boxes():
+def test_figures_use_the_notebook_dpi_and_width():
+    assert viz.DPI >= 100
+    fig, axes = viz.subplots(1, 5)
+    assert axes.shape == (1, 5) and fig.dpi == viz.DPI and fig.get_figwidth() == viz.FIG_WIDTH
+    viz.use_style()
+    assert plt.rcParams["figure.dpi"] == viz.DPI
+
+
+def _colorbars(fig):
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
+def test_show_attention_maps_blends_each_map_over_the_image_with_its_box_and_a_colorbar():
     image = viz.normalize(torch.rand(3, 64, 96))
     maps = torch.rand(3, 2, 3)
     fig = viz.show_attention_maps(
         image, maps, boxes=torch.tensor([[0, 0, 10, 10]] * 3), titles=["a", "b", "c"]
     )
-    assert len(fig.axes) == 6  # 2 rows x 3 maps
-    assert [fig.axes[i].get_title() for i in range(3)] == ["a", "b", "c"]
-    assert sum(isinstance(p, Rectangle) for p in fig.axes[4].patches) == 1
+    panels = [ax for ax in fig.axes if ax not in _colorbars(fig)]
+    assert len(panels) == 3 and len(_colorbars(fig)) == 3  # one row, a colour scale per map
+    assert [ax.get_title() for ax in panels] == ["a", "b", "c"]
+    # the image first, then the map on top of it, semi-transparent, stretched to the image size
+    assert [im.get_array().shape[:2] for im in panels[0].images] == [(64, 96), (64, 96)]
+    assert 0 < panels[0].images[1].get_alpha() < 1
+    assert sum(isinstance(p, Rectangle) for p in panels[1].patches) == 1
+    assert fig.get_suptitle()
 
 
-def test_show_attention_maps_overlay_is_one_row_of_image_plus_map():
+def test_show_attention_maps_with_stride_puts_each_cell_on_its_pixels():
+    image = viz.normalize(torch.rand(3, 40, 56))  # a 3 x 4 grid at stride 16 runs past the image
+    fig = viz.show_attention_maps(image, torch.rand(2, 3, 4), stride=16, points=[(1, 1), (2, 2)])
+    ax = fig.axes[0]
+    assert ax.images[1].get_extent() == [0, 64, 48, 0]
+    assert ax.get_xlim() == (0.0, 56.0) and ax.get_ylim() == (40.0, 0.0)  # clipped to the image
+
+
+def test_show_attention_maps_colab_layout_and_errors():
     image = viz.normalize(torch.rand(3, 64, 96))
-    fig = viz.show_attention_maps(image, torch.rand(2, 2, 3), points=[(1, 1), (2, 2)], overlay=True)
-    assert len(fig.axes) == 2
-    assert [im.get_array().shape[:2] for im in fig.axes[0].images] == [(64, 96), (64, 96)]
+    fig = viz.show_attention_maps(image, torch.rand(2, 2, 3), overlay=False)
+    assert len(fig.axes) - len(_colorbars(fig)) == 4  # raw map above, image below
     with pytest.raises(ValueError, match="0 maps"):
         viz.show_attention_maps(image, torch.rand(0, 2, 3))
 
 
 def test_show_attention_upsamples_to_image_size():
-    ax = viz.show_attention(np.zeros((64, 96, 3), dtype=np.uint8), torch.rand(2, 3), point=(5, 5))
+    ax = viz.show_attention(
+        np.zeros((64, 96, 3), dtype=np.uint8), torch.rand(2, 3), point=(5, 5), box=[1, 1, 9, 9], colorbar=True
+    )
     assert ax.images[-1].get_array().shape == (64, 96)
+    assert len(ax.patches) == 1 and len(_colorbars(ax.figure)) == 1
 
 
 def test_feature_grid_recovers_stride():
@@ -144,14 +172,29 @@ def test_attention_explorer_draws_the_cell_under_the_point():
     model = _tiny_detr()
     image = viz.normalize(torch.rand(3, 64, 96))
     box = viz.attention_explorer(model, image)
-    assert isinstance(box, ipywidgets.VBox)
+    assert isinstance(box, ipywidgets.VBox) and box.stride == 32
     fig = box.draw(70, 40)  # pixel (x=70, y=40) lies in feature cell (1, 2)
-    assert isinstance(fig, Figure) and len(fig.axes) == 2
-    assert "cell (1, 2)" in fig.axes[1].get_title()
-    shown = fig.axes[1].images[-1].get_array()
-    assert shown.shape == (64, 96)
-    expected = viz._upsample(box.attention[1, 2], (64, 96))
-    np.testing.assert_allclose(np.asarray(shown), expected, atol=1e-6)
+    panels = [ax for ax in fig.axes if ax not in _colorbars(fig)]
+    assert isinstance(fig, Figure) and len(panels) == 1 and len(_colorbars(fig)) == 1
+    assert "cell (1, 2)" in panels[0].get_title()
+    shown = panels[0].images[-1]
+    np.testing.assert_allclose(np.asarray(shown.get_array()), box.attention[1, 2].numpy(), atol=1e-6)
+    assert shown.get_extent() == [0, 96, 64, 0]  # 2 x 3 cells of 32 pixels
+
+
+def test_attention_explorer_has_a_static_grid_of_query_points():
+    import base64
+
+    box = viz.attention_explorer(_tiny_detr(), viz.normalize(torch.rand(3, 64, 96)))
+    fig = box.draw_grid()
+    assert len([ax for ax in fig.axes if ax not in _colorbars(fig)]) == 6  # 2 x 3 query points
+    fig = box.draw_grid(points=[(5, 5), (90, 60)], cols=2)
+    assert [ax.get_title() for ax in fig.axes if ax not in _colorbars(fig)] == [
+        "query point (5, 5)", "query point (90, 60)",
+    ]  # fmt: skip
+    bundle = box._repr_mimebundle_()  # what a notebook stores: the widget and the picture beside it
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert base64.b64decode(bundle["image/png"]).startswith(b"\x89PNG")
 
 
 def test_attention_mass_in_boxes_counts_cell_centres():
