@@ -1,6 +1,6 @@
 """Multi-scale deformable attention (MSDA), the core of Deformable DETR.
 
-The seed notes describe deformable attention by its three inputs:
+The Deformable DETR process notes describe deformable attention by its three inputs:
 
 1. the feature maps (here: all pyramid levels flattened into one ``value`` sequence),
 2. a query element ``z_q`` (one row of ``query``),
@@ -23,8 +23,7 @@ Two interchangeable implementations of the sampling-and-sum core live here:
   default ``implementation="auto"`` picks the reference: ``grid_sample`` is faster there). All levels are flattened into one
   zero-padded value table; every sample becomes 4 table rows (the bilinear corners) with weights
   ``attention * bilinear``, and ``F.embedding_bag(mode="sum")`` does gather + weight + sum in one
-  fused kernel. Its backward is written by hand (chunked ``index_add_`` / ``index_select``), so it
-  never materialises the ``[..., L*P, D]`` sample tensor that the reference keeps for autograd.
+  fused kernel; its backward is written by hand. It lives in ``msda_fast.py``.
 
 Both agree to float32 round-off; ``tests/test_msda.py`` checks them against a per-point Python
 loop, against each other, against the official pure-PyTorch function, and with ``gradcheck``.
@@ -33,11 +32,12 @@ loop, against each other, against the official pure-PyTorch function, and with `
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from detr_lite.deformable.msda_fast import ms_deform_attn_core
 
 __all__ = ["ms_deform_attn_reference", "ms_deform_attn", "MSDeformAttn"]
 
@@ -120,200 +120,18 @@ def ms_deform_attn_reference(
     return out.view(n, m * d, lq).transpose(1, 2).contiguous()
 
 
-# ----------------------------------------------------------------------------------------------
-# fast path: one padded value table + embedding_bag, hand-written backward
-# ----------------------------------------------------------------------------------------------
-# Each level is padded with 1 zero pixel on the top/left and 2 on the bottom/right. After clamping
-# the pixel coordinate to [-1, W] every bilinear corner (x0 in [-1, W], x0 + 1 in [0, W + 1]) is a
-# real row of the table, so no per-corner validity mask is needed: outside corners read zeros,
-# exactly what grid_sample's padding_mode="zeros" does.
-_PAD_BEFORE, _PAD_AFTER = 1, 2
-# rows of [K, D] gathered per backward chunk on CPU (keeps the working set in cache)
-_CPU_CHUNK_ELEMS = 1 << 19
-_GPU_CHUNK_ELEMS = 1 << 26
-
-
-def _pad_levels(value: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
-    """``[N, S, M, D]`` -> padded table ``[N*M*Sp, D]`` (head-major, level after level)."""
-    n, _, m, d = value.shape
-    levels = value.split([h * w for h, w in shapes], dim=1)
-    padded = []
-    for v, (h, w) in zip(levels, shapes):
-        v = v.view(n, h, w, m, d).permute(0, 3, 1, 2, 4)  # [N, M, H, W, D]
-        v = F.pad(v, (0, 0, _PAD_BEFORE, _PAD_AFTER, _PAD_BEFORE, _PAD_AFTER))
-        padded.append(v.reshape(n, m, -1, d))
-    return torch.cat(padded, dim=2).reshape(-1, d)
-
-
-def _unpad_levels(table: Tensor, shapes: list[tuple[int, int]], n: int, m: int) -> Tensor:
-    """Inverse of :func:`_pad_levels` (drops the padding): ``[N*M*Sp, D]`` -> ``[N, S, M, D]``."""
-    d = table.shape[-1]
-    sizes = [(h + _PAD_BEFORE + _PAD_AFTER) * (w + _PAD_BEFORE + _PAD_AFTER) for h, w in shapes]
-    levels = table.view(n, m, -1, d).split(sizes, dim=2)
-    out = []
-    for v, (h, w) in zip(levels, shapes):
-        hp, wp = h + _PAD_BEFORE + _PAD_AFTER, w + _PAD_BEFORE + _PAD_AFTER
-        v = v.view(n, m, hp, wp, d)[:, :, _PAD_BEFORE : _PAD_BEFORE + h, _PAD_BEFORE : _PAD_BEFORE + w]
-        out.append(v.permute(0, 2, 3, 1, 4).reshape(n, h * w, m, d))
-    return torch.cat(out, dim=1)
-
-
-def _level_constants(shapes: list[tuple[int, int]], device, dtype):
-    """Per-level tensors shaped to broadcast over ``[N, Lq, M, L, P, ...]``.
-
-    ``size`` [L, 1, 2] = (W_l, H_l); ``row_len`` [L, 1] = padded width; ``offset`` [L, 1] = table row of
-    padded pixel (0, 0) of the level relative to its head's block (includes the 1-pixel border);
-    ``corners`` [L, 1, 4] = row offsets of the 4 bilinear corners; ``head_size`` = rows per head.
-    """
-    pad = _PAD_BEFORE + _PAD_AFTER
-    size = torch.tensor([[w, h] for h, w in shapes], device=device, dtype=dtype).view(-1, 1, 2)
-    row_len = [w + pad for _, w in shapes]
-    starts, total = [], 0
-    for (h, _), wp in zip(shapes, row_len):
-        starts.append(total + _PAD_BEFORE * wp + _PAD_BEFORE)
-        total += (h + pad) * wp
-    row_len_t = torch.tensor(row_len, device=device, dtype=dtype).view(-1, 1)
-    offset = torch.tensor(starts, device=device, dtype=dtype).view(-1, 1)
-    corners = torch.tensor([[0, 1, wp, wp + 1] for wp in row_len], device=device, dtype=torch.int32)
-    return size, row_len_t, offset, corners.view(-1, 1, 4), total
-
-
-def _chunk_rows(num_rows: int, k: int, d: int, device: torch.device) -> int:
-    budget = _GPU_CHUNK_ELEMS if device.type == "cuda" else _CPU_CHUNK_ELEMS
-    return max(1, min(num_rows, budget // max(1, k * d)))
-
-
-def _backward_rows(table, idx, weights, go, grad_table, grad_w, lo: int, hi: int, step: int) -> None:
-    """Rows ``lo:hi`` of the backward, in cache-sized chunks: scatter ``weight * grad`` into
-    ``grad_table`` (if given) and ``grad_w[r, k] = <grad[r], table[idx[r, k]]>`` (if given)."""
-    k, d = idx.shape[1], table.shape[1]
-    # one reusable chunk buffer (fresh multi-MB allocations per chunk would dominate on CPU)
-    buf_all = torch.empty(min(step, hi - lo), k, d, device=table.device, dtype=table.dtype)
-    for s in range(lo, hi, step):
-        e = min(hi, s + step)
-        idx_c = idx[s:e].reshape(-1).long()  # int64: index_add_ takes its fast scatter path
-        buf = buf_all[: e - s]
-        if grad_table is not None:  # d out / d table[row] = sum of weight * grad over samples reading it
-            torch.mul(weights[s:e, :, None], go[s:e, None, :], out=buf)
-            grad_table.index_add_(0, idx_c, buf.view(-1, d))
-        if grad_w is not None:  # d out / d weight = <grad, the row it multiplied>
-            torch.index_select(table, 0, idx_c, out=buf.view(-1, d))
-            buf.mul_(go[s:e, None, :])
-            torch.sum(buf, dim=-1, out=grad_w[s:e])
-
-
-class _MSDeformAttnFunction(torch.autograd.Function):
-    """Fast MSDA core with a memory-light, hand-written backward (see module docstring).
-
-    Bags are the (n, q, m) triples in the input order, so the ``[N*Lq*M, D]`` result is already the
-    ``[N, Lq, M*D]`` output; each bag holds ``L*P*4`` table rows (the corners) with weights
-    ``attention * bilinear``.
-    """
-
-    @staticmethod
-    def forward(ctx, value, sampling_locations, attention_weights, shapes):
-        n, _, m, d = value.shape
-        _, lq, _, n_levels, n_points, _ = sampling_locations.shape
-        # compute in float32 (float64 stays float64, e.g. for gradcheck); output in value's dtype
-        ct = torch.float64 if torch.float64 in (value.dtype, sampling_locations.dtype) else torch.float32
-        dev = value.device
-        table = _pad_levels(value.to(ct), shapes)
-        size, row_len, offset, corners, head_size = _level_constants(shapes, dev, ct)
-
-        # pixel coordinates (align_corners=False: pixel i covers [i, i + 1), centre i + 0.5), clamped
-        # to [-1, W] so that every corner is a row of the padded table (outside corners read zeros)
-        xy = torch.addcmul(torch.tensor(-0.5, device=dev, dtype=ct), sampling_locations.to(ct), size)
-        xy_clamped = torch.clamp(xy, min=torch.full_like(size, -1.0), max=size)
-        xy0 = xy_clamped.floor()
-        frac = xy_clamped - xy0  # [N, Lq, M, L, P, 2] (fx, fy)
-        # row of the top-left corner: offset + y0 * padded_W + x0 (exact in floating point) + head block
-        idx00 = torch.addcmul(xy0[..., 0], xy0[..., 1], row_len).add_(offset).to(torch.int32)
-        head_base = torch.arange(n * m, device=dev, dtype=torch.int32).view(n, 1, m, 1, 1) * head_size
-        idx = (idx00 + head_base).unsqueeze(-1) + corners  # [N, Lq, M, L, P, 4]
-
-        lin = torch.stack([1 - frac, frac], dim=-2)  # [..., corner 0/1, (x, y)]
-        wx, wy = lin[..., 0], lin[..., 1]
-        attn = attention_weights.to(ct)
-        # folded weight of every corner: attention * bilinear, corner order (y0x0, y0x1, y1x0, y1x1)
-        weights = ((wy * attn.unsqueeze(-1)).unsqueeze(-1) * wx.unsqueeze(-2)).flatten(-2)
-        rows, k = n * lq * m, n_levels * n_points * 4
-        idx = idx.view(rows, k)
-        weights = weights.view(rows, k)
-        out = F.embedding_bag(idx, table, per_sample_weights=weights, mode="sum")  # [rows, D]
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(table, idx, weights, lin, attn, xy)
-            ctx.meta = (shapes, value.dtype, sampling_locations.dtype, attention_weights.dtype)
-        return out.view(n, lq, m * d).to(value.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        table, idx, weights, lin, attn, xy = ctx.saved_tensors
-        shapes, v_dtype, loc_dtype, attn_dtype = ctx.meta
-        n, lq, m, n_levels, n_points = attn.shape
-        rows, k = idx.shape
-        d = table.shape[-1]
-        need_v, need_loc, need_attn = ctx.needs_input_grad[:3]
-        go = grad_out.to(table.dtype).reshape(rows, d).contiguous()
-
-        grad_table = torch.zeros_like(table) if need_v else None
-        need_w = need_loc or need_attn
-        grad_w = torch.empty(rows, k, device=table.device, dtype=table.dtype) if need_w else None
-        step = _chunk_rows(rows, k, d, table.device)
-        workers = min(torch.get_num_threads(), n) if table.device.type == "cpu" else 1
-        if workers <= 1:
-            _backward_rows(table, idx, weights, go, grad_table, grad_w, 0, rows, step)
-        else:
-            # ATen's CPU scatter (index_add_) slows down with several OpenMP threads on cache-sized
-            # chunks (and collapses on a busy machine). Instead: one single-threaded loop per Python
-            # thread, each over whole images, whose table rows (and gradients) are disjoint.
-            per_image = rows // n
-            edges = [round(i * n / workers) * per_image for i in range(workers + 1)]
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                with ThreadPoolExecutor(workers) as pool:
-                    jobs = [
-                        pool.submit(_backward_rows, table, idx, weights, go, grad_table, grad_w, lo, hi, step)
-                        for lo, hi in zip(edges[:-1], edges[1:])
-                    ]
-                    for job in jobs:
-                        job.result()
-            finally:
-                torch.set_num_threads(threads)
-
-        grad_value = grad_loc = grad_attn = None
-        if need_v:
-            grad_value = _unpad_levels(grad_table, shapes, n, m).to(v_dtype)
-        if need_w:
-            g = grad_w.view(n, lq, m, n_levels, n_points, 2, 2)  # (..., y corner, x corner)
-            wx, wy = lin[..., 0], lin[..., 1]
-            # out = attn * sum_ab wy_a wx_b g_ab, with wx = (1 - fx, fx) and wy = (1 - fy, fy)
-            rows_x = (g * wx.unsqueeze(-2)).sum(-1)  # [..., 2]: interpolated along x, per y corner
-            if need_attn:
-                grad_attn = (rows_x * wy).sum(-1).to(attn_dtype)
-            if need_loc:
-                cols_y = (g * wy.unsqueeze(-1)).sum(-2)  # [..., 2]: interpolated along y, per x corner
-                d_frac = torch.stack([cols_y[..., 1] - cols_y[..., 0], rows_x[..., 1] - rows_x[..., 0]], -1)
-                size = torch.tensor([[w, h] for h, w in shapes], device=g.device, dtype=g.dtype).view(
-                    -1, 1, 2
-                )
-                # x = loc_x * W - 0.5; zero gradient where the coordinate was clamped (outside the map)
-                inside = (xy > -1) & (xy < size)
-                grad_loc = (d_frac * attn.unsqueeze(-1) * size * inside).to(loc_dtype)
-        return grad_value, grad_loc, grad_attn, None
-
-
 def ms_deform_attn(
     value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
 ) -> Tensor:
     """Fast MSDA core; same signature and result as :func:`ms_deform_attn_reference`.
 
     Gathers the 4 bilinear corners of every sample from one zero-padded table of all levels with
-    ``F.embedding_bag`` (weights = attention x bilinear) and uses a hand-written backward. Works on
-    CPU and CUDA; computes in float32 (float64 inputs stay float64) and returns ``value.dtype``.
+    ``F.embedding_bag`` (weights = attention x bilinear) and uses a hand-written backward
+    (``detr_lite/deformable/msda_fast.py``). Works on CPU and CUDA; computes in float32 (float64
+    inputs stay float64) and returns ``value.dtype``.
     """
     shapes = _level_shapes(value, spatial_shapes, sampling_locations, attention_weights)
-    return _MSDeformAttnFunction.apply(value, sampling_locations, attention_weights, shapes)
+    return ms_deform_attn_core(value, sampling_locations, attention_weights, shapes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,18 +291,20 @@ class MSDeformAttn(nn.Module):
         logits = self.attention_weights(query).view(n, lq, m, n_levels * n_points)
         weights = logits.softmax(-1).view(n, lq, m, n_levels, n_points)
 
+        # Per-level and per-reference factors are materialised at full size before the arithmetic:
+        # broadcasting a [L, 1, 2]-like tensor over the 6-d [N, Lq, M, L, P, 2] directly gives inner
+        # loops of 2 elements, ~3x slower on CPU (same values and gradients either way).
+        full = (n, lq, m, n_levels, n_points, 2)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide by (W_l, H_l) to normalise
             normaliser = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-            loc = (
-                reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
-            )
+            normaliser = normaliser[:, None, :].expand(n_levels, n_points, 2).contiguous()
+            loc = reference_points[:, :, None, :, None, :].expand(full).contiguous() + offsets / normaliser
         elif reference_points.shape[-1] == 4:
             # offsets are relative to the reference box: P points span half its width/height
-            loc = (
-                reference_points[:, :, None, :, None, :2]
-                + offsets / n_points * reference_points[:, :, None, :, None, 2:] * 0.5
-            )
+            centre = reference_points[:, :, None, :, None, :2].expand(full).contiguous()
+            size = reference_points[:, :, None, :, None, 2:].expand(full).contiguous()
+            loc = centre + offsets / n_points * size * 0.5
         else:
             raise ValueError(
                 f"MSDeformAttn: reference_points last dim must be 2 or 4, got {reference_points.shape[-1]}"
