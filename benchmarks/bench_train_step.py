@@ -12,11 +12,7 @@ run:
   on the host, but it learned far more slowly per epoch: data/checkpoints/detr_shapes.md);
 * backbone forward in float32 vs under CPU bfloat16 autocast (not used by the recipe: bf16 results
   differ between CPUs and CI replays notebook outputs; the speed-up needs native bf16 units);
-* images/s of the whole step at batch 4 (the recipe) vs batch 16;
-* the frozen-backbone step with fresh augmentation + backbone every step vs from cached features
-  (``train.cached_views``, ``detr_lite/feature_cache.py``, which needs a frozen backbone: the views
-  are computed before timing, as they are after the first epochs of a run; the cache lookup +
-  padding is the "data" stage).
+* images/s of the whole step at batch 4 (the recipe) vs batch 16.
 
 The backbone weights are the shipped checkpoint's (``data/checkpoints/detr_shapes.pt``); no training
 result depends on this script. Run: ``python benchmarks/bench_train_step.py [--steps 60] [--threads 2]``
@@ -125,32 +121,6 @@ def run_steps(batch_size: int, steps: int, warmup: int = 10, train_backbone: boo
     return {k: v / steps for k, v in lap.sums.items()}, n_images
 
 
-def run_cached_steps(steps: int, views: int, warmup: int = 10) -> dict[str, float]:
-    """Mean seconds per stage of the cached-feature step (``train.cached_views``), batch 4."""
-    from detr_lite.data.coco import collate_fn
-    from detr_lite.feature_cache import CachedViews
-
-    cfg, model, criterion, optimizer, params = _setup(4, train_backbone=False)
-    ds_train = build_loaders(cfg)[0]
-    cache = CachedViews(ds_train, model.backbone, views, cfg.train.seed)
-    cache.set_epoch(0)
-    n = warmup + steps
-    order = torch.randperm(len(ds_train), generator=torch.Generator().manual_seed(0))[: 4 * n].tolist()
-    for i in order:  # fill the cache first: timed steps are the steady state of a long run
-        cache[i]
-    lap = _Laps()
-    for i in range(n):
-        if i == warmup:
-            lap.sums.clear()
-        lap.start()
-        feats, mask, targets = collate_fn([cache[j] for j in order[4 * i : 4 * i + 4]])
-        lap("cached features + padding")
-        outputs = model(None, features=(feats, mask))
-        lap("forward (transformer + heads)")
-        _optimise(lap, cfg, model, criterion, optimizer, params, outputs, targets)
-    return {k: v / steps for k, v in lap.sums.items()}
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=60, help="timed steps per batch size (after 10 warm-up steps)")
@@ -175,15 +145,6 @@ def main():
     step_o = sum(v for k, v in stages_o.items() if not k.startswith("("))
     print(f"whole step, batch 4: {names[recipe_trains]} (the recipe) {1000 * step:.1f} ms vs "
           f"{names[not recipe_trains]} {1000 * step_o:.1f} ms ({step_o / step:.2f}x the recipe's time)")  # fmt: skip
-    views = 12  # the pool size of the 115-epoch trial run (data/checkpoints/detr_shapes.md)
-    step_frozen = step_o if recipe_trains else step
-    cached = run_cached_steps(a.steps, views)
-    step_c = sum(cached.values())
-    print(f"cached-feature step (train.cached_views {views}), batch 4, mean of {a.steps} steps:")
-    for name, sec in cached.items():
-        print(f"  {name:42s} {1000 * sec:7.1f} ms  {100 * sec / step_c:5.1f} % of the step")
-    print(f"frozen-backbone step: fresh augmentation + backbone {1000 * step_frozen:.1f} ms vs cached features "
-          f"{1000 * step_c:.1f} ms ({step_frozen / step_c:.2f}x)")  # fmt: skip
     stages16, n16 = run_steps(16, max(10, a.steps // 4))
     step16 = sum(v for k, v in stages16.items() if not k.startswith("("))
     print(f"whole step: batch 4 {4 / step:.1f} images/s vs batch 16 {16 / step16:.1f} images/s "

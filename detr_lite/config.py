@@ -7,7 +7,6 @@ dataclasses. ``get_config(name)`` returns a fresh copy of a named preset; ``Conf
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -97,14 +96,8 @@ class TrainConfig:
     seed: int = 42
     amp: bool = False  # CUDA only
     eval_every: int = 1
-    log_every: int = 10
-    # 0: a fresh random augmentation of every image every epoch (official). V > 0, frozen backbone
-    # only: a fixed pool of V augmented views per image whose backbone features are computed once
-    # and reused (detr_lite/feature_cache.py): a CPU-budget device, not part of the official recipe
-    cached_views: int = 0
-    # validation batch size (0: batch_size). Batching pads images, and a frozen backbone's features
-    # near the padding differ from those of the image alone; a model trained on cached per-image
-    # features (cached_views) is evaluated on unpadded images with 1
+    # images per validation batch (0: batch_size); batching pads images, which changes what a
+    # model sees near the padding
     eval_batch_size: int = 0
     # 0: off (official DETR). d in (0, 1): also keep an exponential moving average of the weights,
     # ema = d * ema + (1 - d) * weights after every optimiser step (horizon ~1 / (1 - d) steps);
@@ -130,7 +123,15 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        def build(dc, values):
+        """The inverse of :meth:`to_dict`; configs written by earlier versions load too (``RETIRED``)."""
+
+        def build(dc, section, values):
+            values = dict(values)
+            for (where, key), (inert, instead) in RETIRED.items():
+                if where == section and key in values:
+                    value = values.pop(key)
+                    if inert is not None and value != inert:
+                        raise ValueError(f"config: {section}.{key} {value!r} was removed; {instead}")
             known = {f.name for f in fields(dc)}
             unknown = set(values) - known
             if unknown:
@@ -144,10 +145,19 @@ class Config:
 
         return cls(
             name=d.get("name", "custom"),
-            model=build(ModelConfig, d.get("model", {})),
-            data=build(DataConfig, d.get("data", {})),
-            train=build(TrainConfig, d.get("train", {})),
+            model=build(ModelConfig, "model", d.get("model", {})),
+            data=build(DataConfig, "data", d.get("data", {})),
+            train=build(TrainConfig, "train", d.get("train", {})),
         )
+
+
+# Keys that configs of earlier versions (and the checkpoints holding them) carry: (section, key) ->
+# (the value that did nothing, or None if no value did anything; what to do instead). Such a key
+# is dropped when it holds that value; any other value is a one-line error.
+RETIRED: dict[tuple[str, str], tuple[Any, str]] = {
+    ("train", "cached_views"): (0, "train without it (cached backbone features served no preset)"),
+    ("train", "log_every"): (None, "every iteration is logged"),
+}
 
 
 def _detr_r50_coco() -> Config:

@@ -70,29 +70,9 @@ class DETR(nn.Module):
         if self.backbone.channels_last:
             self.input_proj.to(memory_format=torch.channels_last)
 
-    def forward(
-        self, images: Tensor | None, mask: Tensor | None = None, features: tuple[Tensor, Tensor] | None = None
-    ) -> dict:
-        """``images [B, 3, H, W]`` + padding ``mask [B, H, W]`` (True = padding) -> predictions.
-
-        ``features``: instead of images, a frozen backbone's last-stage output ``(feature [B, C, h, w],
-        mask [B, h, w])`` computed earlier (``detr_lite.feature_cache``); the backbone is skipped.
-        """
-        if features is not None:
-            if images is not None:
-                raise ValueError("DETR.forward: pass images or features, not both")
-            feat, small_mask = features
-            c = self.backbone.num_channels[-1]
-            if feat.dim() != 4 or feat.shape[1] != c or tuple(small_mask.shape) != (feat.shape[0], *feat.shape[2:]):
-                raise ValueError(
-                    f"DETR.forward: features must be ([B, {c}, h, w], mask [B, h, w]); "
-                    f"got {tuple(feat.shape)} and {tuple(small_mask.shape)}"
-                )
-            if self.backbone.channels_last:  # the layout the backbone itself hands to input_proj
-                feat = feat.contiguous(memory_format=torch.channels_last)
-            mask = small_mask
-        else:
-            feat, small_mask = self.backbone(images, mask)[-1]  # validates images / mask
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
+        """``images [B, 3, H, W]`` + padding ``mask [B, H, W]`` (True = padding) -> predictions."""
+        feat, small_mask = self.backbone(images, mask)[-1]  # validates images / mask
         pos = self.position_embedding(small_mask).to(feat.dtype)  # [B, d, h, w]
         src = self.input_proj(feat)  # [B, d, h, w]
         # [B, d, h, w] -> [B, hw, d]; a free view when src is channels_last

@@ -207,14 +207,11 @@ def train_one_epoch(
     max_iters: int | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
-    features_input: bool = False,
     ema: ModelEma | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``loader`` (or ``max_iters`` batches); returns averaged metrics.
 
-    ``features_input``: the loader yields cached backbone features ``(feature, mask, targets)``
-    (``detr_lite.feature_cache``) instead of ``(images, mask, targets)``. ``ema``: a
-    :class:`ModelEma` updated after every optimiser step.
+    ``ema``: a :class:`ModelEma` updated after every optimiser step.
 
     Each iteration calls ``log`` (if given) with a record holding the total loss, every weighted
     term, ``class_error``, the learning rate, seconds per iteration and images per second, all
@@ -240,12 +237,12 @@ def train_one_epoch(
         if max_iters is not None and it >= max_iters:
             break
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        if channels_last and not features_input:
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = _targets_to(targets, device)
 
         with _autocast(device, amp_dtype):
-            outputs = model(None, features=(images, mask)) if features_input else model(images, mask)
+            outputs = model(images, mask)
         loss_dict = criterion(_to_float32(outputs), targets)
         loss = weighted_loss(loss_dict, weight_dict)
 

@@ -826,7 +826,6 @@ def run_config(arch: str, smoke: bool = False):
         # pretraining step, so its random backbone trains whole (trainable BatchNorm)
         cfg.model.train_backbone, cfg.model.frozen_bn = True, False
         cfg.train.lr_backbone = cfg.train.lr
-        cfg.train.cached_views = 0  # a trained backbone's features cannot be cached
     if smoke:
         # the COCO recipes keep no moving average of the weights (official DETR / Deformable DETR), and
         # a 2-iteration smoke run could not fill the toy preset's ~500-step window anyway

@@ -46,7 +46,6 @@ from detr_lite.engine import (
     evaluate,
     train_one_epoch,
 )
-from detr_lite.feature_cache import CachedViews, check_cacheable
 from detr_lite.utils import (
     AP_KEYS,
     JsonlLog,
@@ -85,11 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also keep a moving average of the weights (e.g. 0.998), evaluated and saved as the model; 0: off",
     )  # fmt: skip
     p.add_argument("--num-workers", type=int, help="DataLoader workers")
-    p.add_argument(
-        "--cached-views",
-        type=int,
-        help="frozen backbone only: a fixed pool of N augmented views per image, features computed once (0: off)",
-    )
+    p.add_argument("--cached-views", type=int, help=argparse.SUPPRESS)  # removed: a one-line error
     p.add_argument(
         "--num-classes", type=int, help="fix num_classes (default: max category id + 1 of the data)"
     )
@@ -145,7 +140,6 @@ def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
         "lr_drop": (t, "lr_drop"),
         "eval_every": (t, "eval_every"),
         "seed": (t, "seed"),
-        "cached_views": (t, "cached_views"),
         "ema_decay": (t, "ema_decay"),
         "num_workers": (d, "num_workers"),
         "data": (d, "root"),
@@ -260,11 +254,6 @@ def check_late_scale(cfg: Config) -> None:
         raise ValueError(f"config {cfg.name}: data.late_scale must be a positive number, got {scale!r}")
     if isinstance(after, bool) or not isinstance(after, int) or after < 0:
         raise ValueError(f"config {cfg.name}: data.late_scale_after must be an integer >= 0, got {after!r}")
-    if scale != 1.0 and cfg.train.cached_views > 0:
-        raise ValueError(
-            f"config {cfg.name}: data.late_scale {scale} with train.cached_views {cfg.train.cached_views}: "
-            "cached views have fixed sizes; set one of them off (late_scale 1.0 or cached_views 0)"
-        )
 
 
 def check_ema(cfg: Config) -> None:
@@ -272,11 +261,6 @@ def check_ema(cfg: Config) -> None:
     d = cfg.train.ema_decay
     if isinstance(d, bool) or not isinstance(d, (int, float)) or not (d == 0 or 0 < d < 1):
         raise ValueError(f"config {cfg.name}: train.ema_decay must be 0 (off) or in (0, 1), got {d!r}")
-    if d and cfg.train.cached_views > 0:
-        raise ValueError(
-            f"config {cfg.name}: train.ema_decay {d} with train.cached_views {cfg.train.cached_views}: "
-            "not supported together; set one of them off"
-        )
 
 
 def ema_window(decay: float) -> int:
@@ -369,6 +353,8 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. configuration (cheap) and data validation, before anything heavy is built
     resume_ckpt = None
+    if args.cached_views is not None:
+        raise ValueError("--cached-views was removed (cached backbone features served no preset); train without it")
     if args.resume:
         resume_ckpt = read_checkpoint(ckpt_path)
         if "optimizer" not in resume_ckpt or "epoch" not in resume_ckpt:
@@ -393,7 +379,6 @@ def run(args: argparse.Namespace) -> int:
         cfg = apply_overrides(load_config(args.config), args)
     for split in (cfg.data.train_split, cfg.data.val_split):
         validate_coco_folder(cfg.data.root, split)
-    check_cacheable(cfg)
     check_late_scale(cfg)
     check_ema(cfg)
     if resume_ckpt is None:
@@ -463,15 +448,6 @@ def run(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in model.parameters())
 
     ds_train, ds_val, train_loader, val_loader, batches, loader_gen = build_loaders(cfg)
-    cached = None
-    if cfg.train.cached_views > 0:
-        # frozen backbone: a fixed pool of augmented views whose features are computed once (lazily)
-        from detr_lite.data.coco import collate_fn
-
-        cached = CachedViews(ds_train, model.backbone, cfg.train.cached_views, cfg.train.seed, device)
-        batches = EpochSeededBatches(cached, cfg.train.batch_size, cfg.train.seed)
-        # the cache lives in this process, so no loader workers (each would build its own)
-        train_loader = DataLoader(cached, batch_sampler=batches, collate_fn=collate_fn, num_workers=0)
 
     start_epoch, history, wall_before = 0, [], 0.0
     if resume_ckpt is not None:
@@ -510,18 +486,6 @@ def run(args: argparse.Namespace) -> int:
             f"{len(ds_val)} val images; {cfg.train.epochs} epochs x {len(train_loader)} iters, "
             f"batch {cfg.train.batch_size} x {D.get_world_size()} process(es) on {device}"
         )
-        if cached is not None:
-            print(
-                f"train.cached_views {cached.views}: a fixed pool of {cached.views} augmented views per training "
-                "image; the frozen backbone runs once per view (first use), later epochs reuse its features"
-            )
-            if cfg.train.val_batch_size > 1:
-                print(
-                    f"note: train.cached_views caches features of unpadded images, but validation batches of "
-                    f"{cfg.train.val_batch_size} pad them (measured: AP 0.24 vs 0.29 at batch 1); "
-                    "set train.eval_batch_size 1 to evaluate as trained",
-                    file=sys.stderr,
-                )
         if ema is not None:
             steps_left = (cfg.train.epochs - start_epoch) * len(train_loader)
             if args.max_iters_per_epoch:
@@ -556,8 +520,6 @@ def run(args: argparse.Namespace) -> int:
                 )
         seed_everything(epoch_seed(cfg.train.seed, epoch, rank))
         batches.set_epoch(epoch)
-        if cached is not None:
-            cached.set_epoch(epoch)
         loader_gen.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -567,7 +529,7 @@ def run(args: argparse.Namespace) -> int:
                 model, criterion, train_loader, optimizer, device, epoch,
                 clip_max_norm=cfg.train.clip_max_norm, scaler=scaler, amp_dtype=amp_dtype,
                 channels_last=args.channels_last, max_iters=args.max_iters_per_epoch,
-                log=log.write, progress=progress, features_input=cached is not None, ema=ema,
+                log=log.write, progress=progress, ema=ema,
             )  # fmt: skip
         except NonFiniteLossError as e:
             log.write({"type": "error", "epoch": epoch, "message": str(e)})
@@ -583,8 +545,6 @@ def run(args: argparse.Namespace) -> int:
             record["train_scale"] = train_scale
         record.update({f"train_{k}": v for k, v in stats.items() if k.startswith("loss_") or "error" in k})
         record.update(lr=stats["lr"], train_time_s=stats["train_time_s"], images_per_s=stats["images_per_s"])
-        if cached is not None:
-            record.update(cached_views=cached.computed, cached_mb=cached.cached_bytes() / 2**20)
 
         is_last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.eval_every == 0 or is_last:

@@ -116,9 +116,7 @@ def test_late_scale_switch_is_logged_and_resume_across_it_is_exact(tmp_path, tin
         ({"late_scale": -1.0}, {}, "data.late_scale must be a positive number, got -1.0"),
         ({"late_scale": True}, {}, "data.late_scale must be a positive number, got True"),
         ({"late_scale_after": -2}, {}, "data.late_scale_after must be an integer >= 0, got -2"),
-        ({"late_scale": 1.25}, {"cached_views": 2}, "data.late_scale 1.25 with train.cached_views 2"),
     ],
 )
 def test_bad_late_scale_is_a_one_line_error_before_training(tmp_path, tiny_data, capsys, data, train, message):
-    model = {"train_backbone": False, "frozen_bn": True} if train.get("cached_views") else {}
-    assert_config_error(tmp_path, tiny_data, capsys, message, data=data, train=train, model=model)
+    assert_config_error(tmp_path, tiny_data, capsys, message, data=data, train=train)

@@ -424,7 +424,6 @@ def test_run_configs_match_the_official_variants(tmp_path):
     smoke_detr = launch.run_config("detr_r50", smoke=True)
     assert smoke_detr.model.train_backbone and not smoke_detr.model.frozen_bn
     assert smoke_detr.train.lr_backbone == smoke_detr.train.lr > 0
-    assert smoke_detr.train.cached_views == 0  # and so its features cannot be cached
     # no moving average in any run of the COCO workflow: the official recipes keep none
     assert smoke_detr.train.ema_decay == 0 and detr.train.ema_decay == 0 and two.train.ema_decay == 0
     assert detr.model.train_backbone and detr.model.frozen_bn  # the COCO run is untouched

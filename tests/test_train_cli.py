@@ -464,3 +464,17 @@ def test_plot_history_before_and_after_the_first_evaluation(tmp_path, recwarn):
     plot_history(history, out)
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]
     assert not [w for w in recwarn if "legend" in str(w.message)]
+
+
+def test_removed_options_fail_with_one_line_and_old_configs_still_load(tmp_path, tiny_data, capsys):
+    out = tmp_path / "run"
+    assert train_main("--config", "detr-shapes", "--data", str(tiny_data), "--cached-views", "3",
+                      "--output", str(out)) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert "--cached-views was removed" in err and len(err.splitlines()) == 1 and not out.exists()
+    old = tiny_cfg(tiny_data).to_dict()
+    old["train"].update(cached_views=0, log_every=10)  # what configs of earlier versions hold
+    assert Config.from_dict(old).train == tiny_cfg(tiny_data).train
+    old["train"]["cached_views"] = 4
+    with pytest.raises(ValueError, match="train.cached_views 4 was removed; train without it"):
+        Config.from_dict(old)
