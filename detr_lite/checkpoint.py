@@ -135,6 +135,18 @@ def state_dict_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor]) -
     return missing, unexpected, mismatched
 
 
+def rename_prefixes(state_dict: dict[str, torch.Tensor], renames: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Replace the first matching prefix of every key (``renames`` maps old prefix -> new prefix)."""
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in renames.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        out[key] = value
+    return out
+
+
 def describe_mismatch(missing: list, unexpected: list, mismatched: list, first: int = 3) -> str:
     """One line such as ``2 missing keys [a, b]; 1 unexpected key [c]; 1 shape mismatch [d: (4,) vs (5,)]``."""
 

@@ -1,6 +1,7 @@
 """Official Deformable DETR checkpoints (fundamentalvision/Deformable-DETR) -> ``DeformableDETR``.
 
-Registered with ``detr_lite.official`` (``load_official_checkpoint(path, arch=...)``):
+``detr_lite.official.load_official_checkpoint(path, arch=...)`` loads these (``OFFICIAL_ARCHS`` lists
+them, from ``DEFORMABLE_CONFIGS`` below):
 
 =====================================  ==============================================================
 arch                                   official checkpoint (COCO val AP)
@@ -32,8 +33,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from detr_lite.checkpoint import rename_prefixes
 from detr_lite.config import ModelConfig, get_config
-from detr_lite.official import register_converter, rename_prefixes
 
 _DECODER_HEAD_PREFIXES = ("transformer.decoder.bbox_embed.", "transformer.decoder.class_embed.")
 
@@ -57,9 +58,9 @@ def convert_deformable_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str,
 
 def _deformable_config(levels: int = 4, refine: bool = False, two_stage: bool = False):
     def config_fn() -> ModelConfig:
-        # The official COCO models are the ``deformable-detr-r50-*-coco`` presets (91 raw class ids,
-        # sigmoid/focal so no "no-object" logit, 300 queries, 6+6 layers, FFN 1024); every backbone
-        # weight comes from the checkpoint, so no ImageNet download.
+        # the ``deformable-detr-r50-*-coco`` presets (91 raw class ids, sigmoid/focal so no
+        # "no-object" logit, 300 queries, 6+6 layers, FFN 1024); every backbone weight comes from
+        # the checkpoint, so no ImageNet download
         preset = {
             (False, False): "deformable-detr-r50-coco",
             (True, False): "deformable-detr-r50-refine-coco",
@@ -70,10 +71,10 @@ def _deformable_config(levels: int = 4, refine: bool = False, two_stage: bool = 
     return config_fn
 
 
-for _arch, _fn in {
+# arch -> the ModelConfig its checkpoint was trained with (the converter is the same for all)
+DEFORMABLE_CONFIGS = {
     "deformable_detr_r50_single_scale": _deformable_config(levels=1),
     "deformable_detr_r50": _deformable_config(),
     "deformable_detr_r50_refine": _deformable_config(refine=True),
     "deformable_detr_r50_two_stage": _deformable_config(refine=True, two_stage=True),
-}.items():
-    register_converter(_arch, _fn, convert_deformable_state_dict)
+}
