@@ -7,7 +7,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 # Kernels draw figures with the inline backend (MPLBACKEND=Agg would silently drop every figure).
 NB_ENV := MPLBACKEND=module://matplotlib_inline.backend_inline
 
-.PHONY: venv train test lint unit nbval sync-check lab notebooks bench clean-venv
+.PHONY: venv train train-deformable test lint unit nbval sync-check lab notebooks bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ train: $(STAMP)
 	$(PY) -m detr_lite.train --config detr-shapes --backbone-weights $(TRAIN_OUT)/backbone.pt --output $(TRAIN_OUT) $(TRAIN_ARGS)
 	$(PY) -m detr_lite.evaluate --checkpoint $(TRAIN_OUT)/checkpoint.pt --json $(TRAIN_OUT)/eval.json --no-progress
 	@echo "plots: $(TRAIN_OUT)/loss.png  checkpoint: $(TRAIN_OUT)/checkpoint.pt  metrics: $(TRAIN_OUT)/eval.json"
+
+## The toy Deformable DETR on the same pretext backbone (pretrained first if $(TRAIN_OUT)/backbone.pt
+## is missing), then its COCO AP table. Quick run: make train-deformable TRAIN_ARGS="--epochs 1"
+## (continue a stopped run: make train-deformable TRAIN_ARGS=--resume)
+DEFORMABLE_OUT ?= runs/deformable-shapes
+train-deformable: $(STAMP)
+	test -f $(TRAIN_OUT)/backbone.pt || $(PY) -m detr_lite.pretrain --config detr-shapes --output $(TRAIN_OUT)/backbone.pt $(PRETRAIN_ARGS)
+	$(PY) -m detr_lite.train --config deformable-shapes --backbone-weights $(TRAIN_OUT)/backbone.pt --output $(DEFORMABLE_OUT) $(TRAIN_ARGS)
+	$(PY) -m detr_lite.evaluate --checkpoint $(DEFORMABLE_OUT)/checkpoint.pt --json $(DEFORMABLE_OUT)/eval.json --no-progress
+	@echo "plots: $(DEFORMABLE_OUT)/loss.png  checkpoint: $(DEFORMABLE_OUT)/checkpoint.pt  metrics: $(DEFORMABLE_OUT)/eval.json"
 
 ## Full test suite: lint, unit/parity/CLI tests, notebook pairing check, every notebook under nbval.
 test: $(STAMP) lint sync-check unit nbval
