@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from detr_lite.checkpoint import save_checkpoint
     from detr_lite.data.coco import validate_coco_folder
-    from detr_lite.train import load_config, resolve_num_classes, write_json_atomic
+    from detr_lite.monitor import write_json_atomic
+    from detr_lite.train import load_config, resolve_num_classes
 
     if args.epochs < 1:
         raise ValueError(f"--epochs: expected >= 1, got {args.epochs}")

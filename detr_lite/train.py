@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,9 +45,9 @@ from detr_lite.engine import (
     evaluate,
     train_one_epoch,
 )
+from detr_lite.monitor import JsonlLog, save_progress_plot, write_json_atomic
 from detr_lite.utils import (
     AP_KEYS,
-    JsonlLog,
     format_ap_table,
     get_rng_state,
     max_memory_mb,
@@ -299,43 +298,6 @@ def load_finetune_weights(model: torch.nn.Module, path: str) -> str:
     return f"loaded {path} (all tensors)"
 
 
-def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss (train/val) and AP/AP50 per epoch, two small panels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] + 1 for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
-    a1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    val = [(h["epoch"] + 1, h["val_loss"]) for h in history if "val_loss" in h]
-    if val:
-        a1.plot(*zip(*val), "s-", label="val")
-    a1.set(xlabel="epoch", ylabel="weighted loss", title="loss")
-    a1.legend()
-    for key in ("AP", "AP50"):
-        pts = [(h["epoch"] + 1, h[key]) for h in history if key in h]
-        if pts:
-            a2.plot(*zip(*pts), "o-", label=key)
-    a2.set(xlabel="epoch", ylabel="COCO AP", title="val AP", ylim=(0, 1))
-    if a2.lines:  # no evaluation yet (eval_every > 1): an empty panel, no legend warning
-        a2.legend()
-    else:
-        a2.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=a2.transAxes, color="0.5")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
@@ -404,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.model.pretrained_backbone and resume_ckpt is None and not starts_from_weights:
         # a run that asked for ImageNet weights must not silently train from a random backbone:
         # a one-line error naming the cache path (or --no-pretrained-backbone) before anything heavy
-        from detr_lite.launch import ensure_pretrained_backbone
+        from detr_lite.imagenet import ensure_pretrained_backbone
 
         ensure_pretrained_backbone(cfg.model.backbone)
 
@@ -463,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
         start_epoch = int(resume_ckpt["epoch"])
         history = list(resume_ckpt.get("metrics", []))
         wall_before = float(resume_ckpt["meta"].get("train_wall_time_s", 0.0))
-        log.truncate_from_epoch(start_epoch)
+        log.truncate_from(start_epoch)
         if main:
             print(f"resuming {ckpt_path} at epoch {start_epoch}")
 
@@ -582,7 +544,7 @@ def run(args: argparse.Namespace) -> int:
                 {"history": history, "last_eval": last_eval, "train_wall_time_s": wall},
                 output / "metrics.json",
             )
-            plot_history(history, output / "loss.png")
+            save_progress_plot(output / "log.jsonl", output / "loss.png")
             ap = f" | val AP {record['AP']:.3f} AP50 {record['AP50']:.3f}" if "AP" in record else ""
             print(
                 f"epoch {epoch + 1}/{cfg.train.epochs}: loss {record['train_loss']:.4f}{ap} | "

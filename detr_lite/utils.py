@@ -1,4 +1,4 @@
-"""Small helpers for the training loop: seeding, RNG snapshots, JSONL logs, memory, AP tables.
+"""Small helpers for the training loop: seeding, RNG snapshots, memory, AP tables, CLI errors.
 
 RNG snapshots are stored as tensors and plain Python types (no numpy arrays, no tuples of
 unknown classes) so that a checkpoint holding them still loads with
@@ -7,16 +7,16 @@ unknown classes) so that a checkpoint holding them still loads with
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import resource
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from detr_lite.monitor import JsonlLog, read_jsonl  # noqa: F401 (their home; names kept for notebook 06)
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -72,55 +72,6 @@ def max_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-class JsonlLog:
-    """Append-only JSON-lines log; each ``write`` is flushed so a crash loses at most one line."""
-
-    def __init__(self, path: str | os.PathLike, enabled: bool = True):
-        self.path = Path(path)
-        self.enabled = enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=_jsonable) + "\n")
-
-    def truncate_from_epoch(self, epoch: int) -> None:
-        """Drop records of ``epoch`` and later (used on resume, so a re-run epoch isn't logged twice)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill -9
-                continue
-            if rec.get("epoch", -1) < epoch:
-                kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All complete records of a JSONL file (a truncated last line is ignored)."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.item() if x.numel() == 1 else x.tolist()
-    if isinstance(x, (np.generic,)):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 def format_ap_table(metrics: dict[str, float], title: str | None = None) -> str:

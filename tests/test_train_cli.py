@@ -451,21 +451,6 @@ def test_pretrained_backbone_missing_offline_is_one_line_error(tmp_path, monkeyp
     assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in err and "--no-pretrained-backbone" in err
 
 
-def test_plot_history_before_and_after_the_first_evaluation(tmp_path, recwarn):
-    """The loss/AP plot is written (atomically, no temp file left) from the first epoch on, also while
-    no epoch has been evaluated yet (``eval_every`` > 1), without a matplotlib legend warning."""
-    from detr_lite.train import plot_history
-
-    out = tmp_path / "loss.png"
-    history = [{"epoch": 0, "train_loss": 3.0}]
-    plot_history(history, out)
-    assert out.stat().st_size > 1000
-    history += [{"epoch": 1, "train_loss": 2.5, "val_loss": 2.7, "AP": 0.1, "AP50": 0.2}]
-    plot_history(history, out)
-    assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]
-    assert not [w for w in recwarn if "legend" in str(w.message)]
-
-
 def test_removed_options_fail_with_one_line_and_old_configs_still_load(tmp_path, tiny_data, capsys):
     out = tmp_path / "run"
     assert train_main("--config", "detr-shapes", "--data", str(tiny_data), "--cached-views", "3",

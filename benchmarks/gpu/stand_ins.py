@@ -4,7 +4,7 @@
   12-digit JPEG names) in the official layout under ``--coco``;
 * a **random** ResNet-50 saved where torchvision's ImageNet weights are looked up
   (``$TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth``): the notebook's ``PRETRAINED_BACKBONE``
-  path (``launch.ensure_pretrained_backbone`` + the backbone's cache load) then runs as it would with
+  path (``imagenet.ensure_pretrained_backbone`` + the backbone's cache load) then runs as it would with
   the real file. Refuses to run unless ``TORCH_HOME`` is set, and never overwrites an existing file;
 * a **random** DETR R50 in the official model-zoo layout (``{'model': state_dict}``, ``backbone.0.body.*``
   keys) at ``--official``, for the notebook's "evaluate an official checkpoint" cell.
@@ -27,7 +27,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from detr_lite.coco_fixture import make_coco_fixture  # noqa: E402
-from detr_lite.launch import pretrained_backbone_cache  # noqa: E402
+from detr_lite.imagenet import pretrained_backbone_cache  # noqa: E402
 from detr_lite.models import build_model  # noqa: E402
 from detr_lite.official import official_config  # noqa: E402
 
