@@ -15,8 +15,10 @@
 # # 07 · Deformable attention: a few learned sampling points instead of every pixel
 #
 # **Learning goal.** Build *multi-scale deformable attention* (MSDA), the one new operator of
-# Deformable DETR, from torch primitives, and understand why it makes a multi-scale encoder
-# affordable. The seed notes describe it by its three inputs:
+# Deformable DETR, from torch primitives, check it against the package with a trained model's
+# weights, see what the trained heads learned, and measure why the operator makes a multi-scale
+# encoder affordable. The DETR process notes this walkthrough follows (introduced in notebook 01)
+# describe it by its three inputs:
 #
 # > Input: 1. Feature map C×H×W. 2. Query element $z_q$. 3. Reference point $p_q$.
 # > Sampling: around $p_q$ sample K points; their offsets (relative to the reference point) and
@@ -31,77 +33,143 @@
 # $L \cdot P$ points of a head) are both **linear functions of the query** $z_q$, and
 # $x^l(\cdot)$ reads level $l$ by bilinear interpolation. Instead of comparing the query with all
 # $H \cdot W$ keys (DETR, notebooks 02–04), each query reads only $M \cdot L \cdot P$ values
-# (128 in the official model, whatever the image size).
+# (128 with 8 heads, 4 levels and 4 points, whatever the image size).
 #
-# We build every step by hand, check it against `detr_lite.deformable.msda` (the readable reference,
-# the fast path, and the `MSDeformAttn` module given the same weights), draw where the points land on
-# a real photograph, and measure what the operator saves compared with full attention.
+# The inputs are real: the multi-scale features of the toy Deformable DETR trained on the bundled
+# shapes (`data/checkpoints/deformable_shapes.pt`; notebook 08 builds the whole detector), and the
+# attention module of its first encoder layer.
 
 # %%
 # %matplotlib inline
 import math
 import time
 from functools import partial
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import skimage.data
 import torch
 import torch.nn.functional as F
+from matplotlib.colors import Normalize
 from torch import nn
+from torchvision.ops import box_convert, box_iou
 
-from detr_lite import viz
+from detr_lite.checkpoint import load_checkpoint
+from detr_lite.data.coco import build_dataset, collate_fn
 from detr_lite.deformable.msda import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
+from detr_lite.transformer import capture_attention
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
+torch.set_grad_enabled(False)  # sections 6 and 8 switch gradients on where they need them
+notebook_start = time.perf_counter()
+
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+DATA = ROOT / "data" / "shapes"
+CKPT_DIR = ROOT / "data" / "checkpoints"
+DPI = 100
+IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+
+
+def to_rgb(image: torch.Tensor) -> np.ndarray:
+    """A normalised image tensor [3, H, W] (what the model sees) -> [H, W, 3] in [0, 1] for drawing."""
+    return (
+        (image * IMAGENET_STD[:, None, None] + IMAGENET_MEAN[:, None, None])
+        .clamp(0, 1)
+        .permute(1, 2, 0)
+        .numpy()
+    )
+
 
 # %% [markdown]
 # ## 1. The three inputs
 #
 # ### Input 1: a multi-scale feature map
 #
-# Deformable DETR reads four pyramid levels at strides 8, 16, 32 and 64 (C3, C4, C5 and an extra
-# stride-2 convolution on C5; notebook 08 builds those from the backbone). Here, to keep the pictures
-# readable, the "features" are simply the photograph resized to those four resolutions and lifted to
-# `d_model` channels by a fixed random 1×1 convolution. The operator does not care where the
-# features come from; what matters is that the levels have **different sizes**.
+# Deformable DETR reads four pyramid levels at strides 8, 16, 32 and 64, each projected to `d`
+# channels (notebook 08 builds them from the backbone). We take one bundled validation image, the
+# one on which the trained model detects the most objects correctly (a detection is correct if its
+# class is right and its box overlaps the object's with IoU ≥ 0.5), and compute its pyramid with the
+# model's `build_pyramid`. What matters for the operator is that the levels have **different sizes**.
 
 # %%
-d_model, n_heads, n_levels, n_points = 64, 8, 4, 4  # official: 256, 8, 4, 4
-head_dim = d_model // n_heads
-strides = [8, 16, 32, 64]
-H0, W0 = 256, 384  # the photo, resized so every stride divides it
+model, cfg, _ = load_checkpoint(CKPT_DIR / "deformable_shapes.pt")
+val = build_dataset(DATA, "val2017", cfg.data, train=False)
+class_names = {c["id"]: c["name"] for c in val.coco.dataset["categories"]}
 
-photo = torch.from_numpy(skimage.data.chelsea()).permute(2, 0, 1).float() / 255  # [3, 300, 451]
-photo = F.interpolate(photo[None], size=(H0, W0), mode="bilinear", antialias=True, align_corners=False)[0]
-level_images = [
-    F.interpolate(photo[None], size=(H0 // s, W0 // s), mode="bilinear", antialias=True, align_corners=False)[
-        0
-    ]
-    for s in strides
-]
-photo_rgb = photo.permute(1, 2, 0).numpy()  # [H, W, 3] in [0, 1], for drawing
-level_rgb = [img.permute(1, 2, 0).numpy() for img in level_images]
-lift = nn.Conv2d(3, d_model, kernel_size=1)  # a stand-in for backbone + input_proj
-with torch.no_grad():
-    feature_maps = [lift(img[None]) for img in level_images]  # L tensors [1, d, H_l, W_l]
+
+def correct_detections(scores, labels, boxes, target) -> list[tuple[int, int, float]]:
+    """(query, object, score) for every object that some query detects correctly (its best class is
+    the object's and IoU >= 0.5); the most confident such query per object. scores, labels [Q]."""
+    h, w = target["size"].tolist()
+    scale = torch.tensor([w, h, w, h])
+    iou = box_iou(
+        box_convert(boxes, "cxcywh", "xyxy") * scale, box_convert(target["boxes"], "cxcywh", "xyxy") * scale
+    )
+    found = []
+    for g in range(len(target["labels"])):
+        ok = (iou[:, g] >= 0.5) & (labels == target["labels"][g])
+        if ok.any():
+            q = int(torch.where(ok, scores, -1.0).argmax())
+            found.append((q, g, float(scores[q])))
+    return found
+
+
+def deformable_hits(outputs, target, b=0):
+    scores, labels = outputs["pred_logits"][b].sigmoid().max(-1)  # sigmoid classes, no "no object"
+    return correct_detections(scores, labels, outputs["pred_boxes"][b], target)
+
+
+candidates = [val[i] for i in range(8)]
+images8, mask8, targets8 = collate_fn(candidates)
+out8 = model(images8, mask8)
+hits = [len(deformable_hits(out8, t, b)) for b, t in enumerate(targets8)]
+index = int(np.argmax(hits))
+image, target = val[index]
+srcs, masks, pos = model.build_pyramid(image[None])  # one image, no padding
+n_levels = len(srcs)
+strides = [8, 16, 32, 64]
+H0, W0 = image.shape[-2:]
+rgb = to_rgb(image)
+gt_xyxy = box_convert(target["boxes"], "cxcywh", "xyxy") * torch.tensor([W0, H0, W0, H0])  # pixels
+d_model = srcs[0].shape[1]
+print(
+    f"validation image {index}: {H0} x {W0} pixels, {len(target['labels'])} objects; "
+    f"correct detections per candidate image: {hits}"
+)
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print("level  stride  H_l x W_l   tokens")
-for lvl, (s, x) in enumerate(zip(strides, feature_maps)):
+for lvl, (s, x) in enumerate(zip(strides, srcs)):
     h, w = x.shape[-2:]
     print(f"{lvl:5d}  {s:6d}  {h:3d} x {w:3d}   {h * w:6d}")
-    assert x.shape == (1, d_model, H0 // s, W0 // s)
+    assert x.shape == (1, d_model, math.ceil(H0 / s), math.ceil(W0 / s))
+
+# %% [markdown]
+# Each level over the image: the colour is how strongly the level's features respond at each cell
+# (the mean absolute value over the `d` channels), and the grid is the level's cells. The coarsest
+# level has only a handful of cells, each seeing a large part of the image.
 
 # %%
-fig, axes = plt.subplots(1, 4, figsize=(8, 1.8), dpi=80)
-for lvl, (ax, img) in enumerate(zip(axes, level_images)):
-    ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_title(f"level {lvl}: {img.shape[1]}x{img.shape[2]} (stride {strides[lvl]})", fontsize=7)
-    ax.axis("off")
-fig.tight_layout()
+fig, axes = plt.subplots(1, n_levels, figsize=(9, 2.6), dpi=DPI, constrained_layout=True)
+for lvl, ax in enumerate(axes):
+    h, w = srcs[lvl].shape[-2:]
+    s = strides[lvl]
+    energy = srcs[lvl][0].abs().mean(0)
+    ax.imshow(rgb)
+    shown = ax.imshow(energy, cmap="inferno", alpha=0.55, extent=(-0.5, w * s - 0.5, h * s - 0.5, -0.5))
+    for i in range(1, h):
+        ax.axhline(i * s - 0.5, color="white", lw=0.4, alpha=0.5)
+    for j in range(1, w):
+        ax.axvline(j * s - 0.5, color="white", lw=0.4, alpha=0.5)
+    ax.set_xlim(-0.5, W0 - 0.5)
+    ax.set_ylim(H0 - 0.5, -0.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"level {lvl}: {h}x{w} cells (stride {s})", fontsize=8)
+    fig.colorbar(shown, ax=ax, shrink=0.7, pad=0.02).ax.tick_params(labelsize=6)
+fig.suptitle("mean |feature| per cell of each pyramid level, over the image", fontsize=9)
 
 # %% [markdown]
 # The attention works on one flat sequence, so the levels are flattened (row-major, like DETR's
@@ -110,8 +178,8 @@ fig.tight_layout()
 # level's first token in the sequence.
 
 # %%
-src_flatten = torch.cat([x.flatten(2).transpose(1, 2) for x in feature_maps], dim=1)  # [N, S, d]
-spatial_shapes = torch.tensor([x.shape[-2:] for x in feature_maps], dtype=torch.long)  # [L, 2] (H_l, W_l)
+src_flatten = torch.cat([x.flatten(2).transpose(1, 2) for x in srcs], dim=1)  # [N, S, d]
+spatial_shapes = torch.tensor([x.shape[-2:] for x in srcs], dtype=torch.long)  # [L, 2] (H_l, W_l)
 level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
 
 # %%
@@ -120,12 +188,12 @@ S = int(spatial_shapes.prod(1).sum())
 print("src_flatten      ", tuple(src_flatten.shape), " [N, S = sum_l H_l*W_l, d]")
 print("spatial_shapes   ", spatial_shapes.tolist())
 print("level_start_index", level_start_index.tolist())
-assert src_flatten.shape == (1, S, d_model) and S == 1536 + 384 + 96 + 24
-assert level_start_index.tolist() == [0, 1536, 1920, 2016]
+assert src_flatten.shape == (1, S, d_model)
+assert level_start_index[1] == spatial_shapes[0].prod()
 # token i of level l is pixel (i // W_l, i % W_l) of that level
-lvl, (i, j) = 1, (5, 7)
+lvl, (i, j) = 1, (2, 3)
 assert torch.equal(
-    src_flatten[0, level_start_index[lvl] + i * spatial_shapes[lvl, 1] + j], feature_maps[lvl][0, :, i, j]
+    src_flatten[0, level_start_index[lvl] + i * spatial_shapes[lvl, 1] + j], srcs[lvl][0, :, i, j]
 )
 
 # %% [markdown]
@@ -134,21 +202,39 @@ assert torch.equal(
 # A reference point is a **normalised** location $(x, y) \in [0, 1]^2$: (0, 0) is the top-left corner
 # of the map and (1, 1) its bottom-right corner. Because it is normalised, the same point means the
 # same place on every level ($\phi_l$ in the formula is just "use the same normalised point").
-# In the encoder every pixel is a query and its reference point is its own centre; in the decoder
-# a linear layer predicts it from the object query (notebook 08).
 #
-# We take three queries on the photo: the eye on the left of the picture, the nose, and the
-# background. As their content $z_q$ we read the level-0 feature at that point (with `grid_sample`,
-# explained in section 4).
+# In the **encoder** every token is a query: its content is the token's feature plus its position
+# code and level embedding (notebook 08, section 2), and its reference point is its own cell centre.
+# We take three level-0 tokens: the centre of the smallest object, the centre of the largest, and
+# the background cell farthest from every object.
 
 # %%
-ref_xy = torch.tensor([[0.38, 0.40], [0.60, 0.78], [0.92, 0.45]])  # (x, y) normalised
-query_names = ["eye", "nose", "background"]
-n_queries = len(ref_xy)
-with torch.no_grad():
-    grid = (2 * ref_xy - 1).view(1, 1, n_queries, 2)
-    query = F.grid_sample(feature_maps[0], grid, align_corners=False)[0, :, 0].T[None]  # [N, Lq, d]
-reference_points = ref_xy[None, :, None, :].expand(1, n_queries, n_levels, 2)  # same point on every level
+tr = model.transformer
+lvl_pos = torch.cat([p.flatten(2).transpose(1, 2) + tr.level_embed[lvl] for lvl, p in enumerate(pos)], 1)
+h0, w0 = spatial_shapes[0].tolist()
+areas = (gt_xyxy[:, 2] - gt_xyxy[:, 0]) * (gt_xyxy[:, 3] - gt_xyxy[:, 1])
+small_obj, large_obj = int(areas.argmin()), int(areas.argmax())
+centres_px = (gt_xyxy[:, :2] + gt_xyxy[:, 2:]) / 2
+cell_xy = (
+    torch.stack(torch.meshgrid(torch.arange(h0), torch.arange(w0), indexing="ij"), -1).flip(-1) + 0.5
+) * 8
+inside_any = (
+    ((cell_xy[..., None, :] >= gt_xyxy[:, :2]) & (cell_xy[..., None, :] <= gt_xyxy[:, 2:])).all(-1).any(-1)
+)
+distance = (cell_xy[..., None, :] - centres_px).norm(dim=-1).min(-1).values.masked_fill(inside_any, -1)
+tokens = []
+for cx, cy in [centres_px[small_obj].tolist(), centres_px[large_obj].tolist()]:
+    tokens.append(min(int(cy // 8), h0 - 1) * w0 + min(int(cx // 8), w0 - 1))
+tokens.append(int(distance.flatten().argmax()))
+query_names = [
+    f"small {class_names[int(target['labels'][small_obj])]}",
+    f"large {class_names[int(target['labels'][large_obj])]}",
+    "background",
+]
+n_queries = len(tokens)
+query = (src_flatten + lvl_pos)[:, tokens]  # [N, Lq, d]: z_q = feature + position code + level embedding
+ref_xy = torch.stack([(torch.tensor(tokens) % w0 + 0.5) / w0, (torch.tensor(tokens) // w0 + 0.5) / h0], -1)
+reference_points = ref_xy[None, :, None, :].expand(1, n_queries, n_levels, 2)  # the same point on every level
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -160,7 +246,7 @@ assert reference_points.shape == (1, n_queries, n_levels, 2)
 # %% [markdown]
 # ## 2. Offsets and weights: two linear layers on the query
 #
-# The seed's "MLP" is a single linear layer each:
+# The notes' "MLP" is a single linear layer each:
 #
 # * `sampling_offsets = Linear(d, M·L·P·2)`: one 2-d offset $\Delta p_{mlqk}$ per head, level and point,
 #   measured **in pixels of that level**;
@@ -168,17 +254,14 @@ assert reference_points.shape == (1, n_queries, n_levels, 2)
 #   weights by a softmax **jointly over the L·P points of a head** (so a head can put all its
 #   attention on one level).
 #
-# We take the parameters from an `MSDeformAttn` module so that section 6 can compare like with like.
-# Its official initialisation makes every query sample the same pattern with uniform weights (section
-# 3), which would make dull pictures, so we nudge the weights randomly, as training would.
+# The parameters are the trained first encoder layer's.
 
 # %%
-attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
-with torch.no_grad():  # pretend training moved the weights: offsets and weights now depend on z_q
-    attn.sampling_offsets.weight.normal_(0.0, 0.6)
-    attn.attention_weights.weight.normal_(0.0, 0.5)
-W_off, b_off = attn.sampling_offsets.weight.detach(), attn.sampling_offsets.bias.detach()
-W_att, b_att = attn.attention_weights.weight.detach(), attn.attention_weights.bias.detach()
+attn = tr.encoder.layers[0].self_attn
+n_heads, n_points = attn.n_heads, attn.n_points
+head_dim = d_model // n_heads
+W_off, b_off = attn.sampling_offsets.weight, attn.sampling_offsets.bias
+W_att, b_att = attn.attention_weights.weight, attn.attention_weights.bias
 
 offsets = (query @ W_off.T + b_off).view(1, n_queries, n_heads, n_levels, n_points, 2)
 logits = (query @ W_att.T + b_att).view(1, n_queries, n_heads, n_levels * n_points)
@@ -198,8 +281,8 @@ assert torch.allclose(weights.sum(dim=(-1, -2)), torch.ones(1, n_queries, n_head
 assert not torch.allclose(weights.sum(dim=-1), torch.full((1, n_queries, n_heads, n_levels), 1 / n_levels))
 
 # %% [markdown]
-# How each head of the "eye" query splits its attention over the four levels (rows: heads; a
-# column sums over that level's P points):
+# How each head of the small-object query splits its attention over the four levels (rows: heads;
+# a column sums over that level's P points):
 
 # %%
 per_level = weights[0, 0].sum(-1)  # [M, L]
@@ -210,11 +293,12 @@ for m in range(n_heads):
 # %% [markdown]
 # ## 3. The official initialisation of the offsets
 #
-# Deformable DETR does not start from random offsets. `sampling_offsets.weight` starts at **zero**
-# (so, at first, offsets do not depend on the query) and the **bias** is a fixed pattern: head $m$
-# looks in direction $\theta_m = m \cdot 2\pi / M$, the unit vector $(\cos\theta_m, \sin\theta_m)$
-# is scaled so that its larger component is 1 (8 heads → the 8 neighbouring pixels), and point $k$
-# sits $k + 1$ steps out. `attention_weights` starts at zero: uniform weights $1 / (L \cdot P)$.
+# Training does not start from random offsets. `sampling_offsets.weight` starts at **zero** (so, at
+# first, offsets do not depend on the query) and the **bias** is a fixed pattern: head $m$ looks in
+# direction $\theta_m = m \cdot 2\pi / M$, the unit vector $(\cos\theta_m, \sin\theta_m)$ is scaled so
+# that its larger component is 1 (8 heads → the 8 neighbouring pixels), and point $k$ sits $k + 1$
+# steps out. `attention_weights` starts at zero: uniform weights $1 / (L \cdot P)$. A freshly built
+# module shows it (the only untrained weights in this notebook, apart from section 8's timing).
 
 # %%
 theta = torch.arange(n_heads, dtype=torch.float32) * (2 * math.pi / n_heads)
@@ -229,32 +313,53 @@ fresh = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_poin
 # %%
 # NBVAL_CHECK_OUTPUT
 print("init bias", tuple(init_bias.shape), " [M, L, P, 2]")
-assert torch.allclose(fresh.sampling_offsets.bias.detach(), init_bias.reshape(-1), atol=1e-6)
+assert torch.allclose(fresh.sampling_offsets.bias, init_bias.reshape(-1), atol=1e-6)
 assert torch.count_nonzero(fresh.sampling_offsets.weight) == 0
 assert torch.count_nonzero(fresh.attention_weights.weight) == 0
 assert torch.count_nonzero(fresh.attention_weights.bias) == 0  # -> uniform weights 1 / (L*P)
 print("head 2 (pointing down), points 1..4:", init_bias[2, 0].round().int().tolist())
 
 # %%
-ax = viz.plot_offset_pattern(init_bias[:, 0], title="official init: 8 heads x 4 points (one level)")
+HEAD_COLORS = plt.cm.tab10(np.arange(n_heads))
+
+
+def plot_offsets(ax, off: torch.Tensor, title: str, lim: float | None = None) -> None:
+    """Offsets [M, P, 2] of one level, in pixels of the level, around the reference point (0, 0)."""
+    lim = lim or float(off.abs().max()) + 0.8
+    for m in range(off.shape[0]):
+        xs, ys = [0.0] + off[m, :, 0].tolist(), [0.0] + off[m, :, 1].tolist()
+        ax.plot(xs, ys, color=HEAD_COLORS[m], lw=0.8, alpha=0.6)
+        ax.scatter(
+            xs[1:],
+            ys[1:],
+            color=HEAD_COLORS[m],
+            s=22,
+            edgecolors="black",
+            linewidths=0.3,
+            zorder=3,
+            label=f"head {m}",
+        )
+    ax.scatter([0], [0], s=100, marker="*", c="white", edgecolors="black", zorder=4)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(lim, -lim)  # image convention: y grows downwards
+    ax.set_aspect("equal")
+    ax.grid(True, lw=0.4, alpha=0.5)
+    ax.tick_params(labelsize=6)
+    ax.set_xlabel("Δx (pixels of the level)", fontsize=7)
+    ax.set_ylabel("Δy", fontsize=7)
+    ax.set_title(title, fontsize=8)
+
+
+fig, ax = plt.subplots(figsize=(3.4, 3.2), dpi=DPI, constrained_layout=True)
+plot_offsets(ax, init_bias[:, 0], "official initial offsets: 8 heads x 4 points")
+ax.legend(fontsize=5, loc="center left", bbox_to_anchor=(1.02, 0.5))
 
 # %% [markdown]
-# The pattern is the same **in pixels of each level**: it spans 8 level pixels across, which is 64
-# pixels of the photo at level 0 (stride 8) but 512 at level 3 (stride 64), more than the whole
-# photo. So at initialisation every query already sees a small neighbourhood at fine resolution and
-# a wide one at coarse resolution. Here is the eye query with a freshly initialised module (same
-# marker size everywhere = uniform weights):
-
-# %%
-with torch.no_grad():
-    _, (fresh_loc, fresh_w) = fresh(
-        query, reference_points, src_flatten, spatial_shapes, level_start_index, return_sampling=True
-    )
-fig = viz.sampling_points_grid(
-    photo_rgb, fresh_loc[0, 0], fresh_w[0, 0], reference=ref_xy[0], by="level", level_images=level_rgb
-)
-
-# %% [markdown]
+# The pattern is the same **in pixels of each level**: 4 level pixels out is 32 image pixels at
+# level 0 (stride 8) but 256 at level 3 (stride 64), more than the whole image. So at
+# initialisation every query sees a small neighbourhood at fine resolution and a wide one at coarse
+# resolution.
+#
 # ## 4. Sampling locations and bilinear sampling
 #
 # ### Locations
@@ -332,7 +437,7 @@ def bilinear_by_hand(v: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
 probe = torch.tensor(
     [[0.5, 0.5], [0.013, 0.9], [0.999, 0.001], [-0.01, 0.5], [1.2, 0.3]]
 )  # last two: outside
-v3 = feature_maps[3][0].detach()  # the coarsest level, [d, 4, 6]
+v3 = srcs[3][0]  # the coarsest level, [d, H_3, W_3]
 by_hand = bilinear_by_hand(v3, probe)
 by_torch = F.grid_sample(
     v3[None], (2 * probe - 1).view(1, 1, -1, 2), mode="bilinear", padding_mode="zeros", align_corners=False
@@ -346,8 +451,9 @@ assert (
     torch.count_nonzero(by_hand[4]) == 0
 )  # x = 1.2 is more than a pixel outside: all four corners are padding
 # exactly on a pixel centre, bilinear sampling returns that pixel
-centre = torch.tensor([[(2 + 0.5) / 6, (1 + 0.5) / 4]])
-assert torch.allclose(bilinear_by_hand(v3, centre)[0], v3[:, 1, 2], atol=1e-6)
+h3, w3 = v3.shape[-2:]
+centre = torch.tensor([[(w3 - 1 + 0.5) / w3, (h3 - 1 + 0.5) / h3]])  # the centre of the bottom-right pixel
+assert torch.allclose(bilinear_by_hand(v3, centre)[0], v3[:, -1, -1], atol=1e-6)
 
 # %% [markdown]
 # ## 5. The whole operator by hand
@@ -360,8 +466,8 @@ assert torch.allclose(bilinear_by_hand(v3, centre)[0], v3[:, 1, 2], atol=1e-6)
 # 4. **concatenate the heads** and apply `output_proj`.
 
 # %%
-W_v, b_v = attn.value_proj.weight.detach(), attn.value_proj.bias.detach()
-W_o, b_o = attn.output_proj.weight.detach(), attn.output_proj.bias.detach()
+W_v, b_v = attn.value_proj.weight, attn.value_proj.bias
+W_o, b_o = attn.output_proj.weight, attn.output_proj.bias
 
 value = (src_flatten @ W_v.T + b_v).view(1, S, n_heads, head_dim)  # [N, S, M, D]
 per_level_values = value.split(spatial_shapes.prod(1).tolist(), dim=1)
@@ -429,13 +535,14 @@ print("by hand == ms_deform_attn_reference == ms_deform_attn == MSDeformAttn")
 # gives the same gradients as autograd through `grid_sample`:
 
 # %%
-loc_a = sampling_locations.detach().clone().requires_grad_(True)
-val_a = value.detach().clone().requires_grad_(True)
-loc_b = sampling_locations.detach().clone().requires_grad_(True)
-val_b = value.detach().clone().requires_grad_(True)
-upstream = torch.randn(1, n_queries, d_model)
-(ms_deform_attn_reference(val_a, spatial_shapes, loc_a, weights) * upstream).sum().backward()
-(ms_deform_attn(val_b, spatial_shapes, loc_b, weights) * upstream).sum().backward()
+with torch.enable_grad():
+    loc_a = sampling_locations.clone().requires_grad_(True)
+    val_a = value.clone().requires_grad_(True)
+    loc_b = sampling_locations.clone().requires_grad_(True)
+    val_b = value.clone().requires_grad_(True)
+    upstream = torch.randn(1, n_queries, d_model)
+    (ms_deform_attn_reference(val_a, spatial_shapes, loc_a, weights) * upstream).sum().backward()
+    (ms_deform_attn(val_b, spatial_shapes, loc_b, weights) * upstream).sum().backward()
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -445,31 +552,351 @@ assert torch.allclose(val_a.grad, val_b.grad, atol=1e-5)
 assert loc_a.grad.abs().sum() > 0  # the points can move
 
 # %% [markdown]
-# ## 7. Where the points land
+# ## 7. What the trained heads learned
 #
-# Each query reads M·L·P = 128 values. Below, colour = head, marker = level (○ level 0, □ 1,
-# △ 2, ◇ 3), marker area ∝ attention weight, the star is the reference point. Per level, drawn on the
-# resolution that level actually has:
+# Everything so far used the trained weights of one module. The model has six: one self-attention per
+# encoder layer and one cross-attention per decoder layer. Forward hooks record what each received in
+# one forward pass of the image; calling a module again on those inputs with `return_sampling=True`
+# returns its sampling locations and attention weights.
 
 # %%
-for q in range(n_queries):
-    names = [f"{query_names[q]} query, level {lvl}" for lvl in range(n_levels)]
-    fig = viz.sampling_points_grid(
-        photo_rgb,
-        module_loc[0, q],
-        module_w[0, q],
-        reference=ref_xy[q],
-        by="level",
-        level_images=level_rgb,
-        level_names=names,
+recorded = {}
+
+
+def record(name):
+    def hook(module, args, kwargs, output):
+        recorded[name] = (module, args, kwargs)
+
+    return hook
+
+
+handles = [
+    module.register_forward_hook(record(name), with_kwargs=True)
+    for name, module in model.named_modules()
+    if isinstance(module, MSDeformAttn)
+]
+outputs = model(image[None])
+for handle in handles:
+    handle.remove()
+sampling = {}
+for name, (module, args, kwargs) in recorded.items():
+    _, sampling[name] = module(*args, **{**kwargs, "return_sampling": True})
+names = list(sampling)
+short = {
+    name: ("encoder " if ".encoder." in name else "decoder ") + str(int(name.split(".")[3]) + 1)
+    for name in names
+}
+enc_first = "transformer.encoder.layers.0.self_attn"
+assert torch.allclose(sampling[enc_first][0][:, tokens], module_loc, atol=1e-5)  # section 6's queries, again
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for name in names:
+    loc, w = sampling[name]
+    print(f"{short[name]}: {name:40s} locations {tuple(loc.shape)}  weights {tuple(w.shape)}")
+
+# %% [markdown]
+# ### The query-independent part: the learned offset bias
+#
+# `sampling_offsets.bias` is where a head's points sit when the query's content says nothing
+# (the weight matrix adds the query-dependent part). Training started every module from the compass
+# pattern of section 3; how far did it move them? (The offset layers train at a tenth of the
+# learning rate, `lr_linear_proj_mult = 0.1`, as officially: large early steps would throw the points
+# off the map.) Level 0, in pixels of that level:
+
+# %%
+pick = [enc_first, names[-1]]
+fig, axes = plt.subplots(1, 3, figsize=(9, 3.1), dpi=DPI, constrained_layout=True)
+plot_offsets(axes[0], init_bias[:, 0], "at initialisation")
+for ax, name in zip(axes[1:], pick):
+    bias = recorded[name][0].sampling_offsets.bias.view(n_heads, n_levels, n_points, 2)
+    plot_offsets(ax, bias[:, 0], f"trained: {short[name]}")
+axes[-1].legend(fontsize=5, loc="center left", bbox_to_anchor=(1.02, 0.5))
+
+# %% [markdown]
+# How far the points reach and how much they depend on the query, for every module: the mean length
+# of the bias offsets (in pixels of each level; the first row is the initial pattern), and how much the full
+# offsets vary from query to query (their standard deviation over all queries of the image, in the
+# same unit). A spread near zero means the module samples the same pattern around every reference
+# point, whatever the content.
+
+# %%
+print(f"{'module':10s} {'bias |Δp| per level':>28s}   {'std over queries per level':>28s}")
+print(f"{'initial':10s} {' '.join(f'{v:6.2f}' for v in init_bias.norm(dim=-1).mean((0, 2)).tolist()):>28s}")
+for name in names:
+    module, args, _ = recorded[name]
+    q = args[0][0]  # [Lq, d]: every query this module saw
+    bias = module.sampling_offsets.bias.view(n_heads, n_levels, n_points, 2)
+    full = module.sampling_offsets(q).view(-1, n_heads, n_levels, n_points, 2)
+    reach = bias.norm(dim=-1).mean((0, 2))  # [L]
+    spread = full.std(0).norm(dim=-1).mean((0, 2))  # [L]
+    print(
+        f"{short[name]:10s} {' '.join(f'{v:6.2f}' for v in reach.tolist()):>28s}   "
+        f"{' '.join(f'{v:6.2f}' for v in spread.tolist()):>28s}"
     )
 
 # %% [markdown]
-# Per head for the eye query: each head samples all four levels; heads differ in direction and in
-# which level they trust.
+# ### Which levels each head reads
+#
+# Each head's weights sum to 1 over its L·P points, so summing a head's weights per level says how
+# much of its attention goes to each scale. Averaged over all queries of the image (every token for
+# the encoder, every object query for the decoder):
 
 # %%
-fig = viz.sampling_points_grid(photo_rgb, module_loc[0, 0], module_w[0, 0], reference=ref_xy[0], by="head")
+fig, axes = plt.subplots(1, len(names), figsize=(9, 2.7), dpi=DPI, constrained_layout=True, sharey=True)
+for ax, name in zip(axes, names):
+    mass = sampling[name][1][0].sum(-1).mean(0)  # [M, L]
+    shown = ax.imshow(mass, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_title(short[name], fontsize=8)
+    ax.set_xticks(range(n_levels))
+    ax.set_xlabel("level", fontsize=7)
+    ax.tick_params(labelsize=6)
+axes[0].set_yticks(range(n_heads))
+axes[0].set_ylabel("head", fontsize=7)
+fig.colorbar(shown, ax=axes, shrink=0.9, label="share of the head's weight")
+fig.suptitle("attention weight per level, averaged over queries", fontsize=9)
+
+# %% [markdown]
+# ### Where an encoder token looks
+#
+# One panel per level for section 1's small-object token and background token in the first encoder
+# layer. Each dot is a sampling point of one of the 8 heads (4 per head and level) on the dimmed
+# image; colour, size and opacity show its attention weight (one colour bar for all panels); the star
+# is the reference point (the token's own cell centre) and the green box the object's ground truth.
+# The faint grid is the level's cells. A normalised point is the same *fraction* of every level's
+# grid; where a level's size was rounded up (a 134-pixel-wide image, for example, has 17 cells of 8
+# pixels at level 0, 136 pixels, but 3 cells of 64 at level 3, 192 pixels), that fraction lands
+# further right or down in image pixels, which is why the star moves between panels.
+
+
+# %%
+LEVEL_PX = torch.tensor(
+    [[w * s, h * s] for (h, w), s in zip(spatial_shapes.tolist(), strides)], dtype=torch.float32
+)
+
+
+def points_px(loc: torch.Tensor) -> torch.Tensor:
+    """Normalised sampling locations [..., L, P, 2] -> pixel coordinates of the image. A level's map
+    covers W_l * stride pixels (its size is rounded up), so each level uses its own scale."""
+    return loc * LEVEL_PX[:, None, :] - 0.5
+
+
+def ref_px(ref: torch.Tensor, lvl: int = 0) -> list[float]:
+    """A normalised reference point (x, y) -> pixels, on the scale of level lvl."""
+    return (ref * LEVEL_PX[lvl] - 0.5).tolist()
+
+
+def draw_points(ax, loc, w, norm, marker="o"):
+    """Scatter points [K, 2] (pixels) with weights [K]: colour, size and opacity = weight."""
+    order = w.argsort()  # the heaviest on top
+    return ax.scatter(
+        loc[order, 0],
+        loc[order, 1],
+        c=w[order],
+        cmap="plasma",
+        norm=norm,
+        marker=marker,
+        s=8 + 120 * w[order] / norm.vmax,
+        alpha=(0.45 + 0.55 * w[order] / norm.vmax).numpy(),
+        edgecolors="white",
+        linewidths=0.5,
+    )
+
+
+def image_axes(ax, title, ref_px=None, box=None, grid_level=None):
+    """The dimmed image, optional level grid, reference star and box (xyxy pixels)."""
+    ax.imshow(0.6 * rgb)
+    if grid_level is not None:
+        (h, w), s = spatial_shapes[grid_level].tolist(), strides[grid_level]
+        for i in range(1, h):
+            ax.axhline(i * s - 0.5, color="white", lw=0.4, alpha=0.35)
+        for j in range(1, w):
+            ax.axvline(j * s - 0.5, color="white", lw=0.4, alpha=0.35)
+    if ref_px is not None:
+        ax.scatter(*ref_px, s=130, marker="*", c="white", edgecolors="black", linewidths=0.8, zorder=4)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", lw=1.3))
+    ax.set_xlim(-0.5, W0 - 0.5)
+    ax.set_ylim(H0 - 0.5, -0.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=7)
+
+
+def level_panels(loc, w, ref, box, title):
+    """One query: loc [M, L, P, 2] normalised, w [M, L, P], ref (x, y) normalised; one panel per level."""
+    px = points_px(loc)
+    norm = Normalize(0.0, float(w.max()))
+    fig, axes = plt.subplots(1, n_levels, figsize=(9, 2.7), dpi=DPI, constrained_layout=True)
+    for lvl, ax in enumerate(axes):
+        (h, wl), s = spatial_shapes[lvl].tolist(), strides[lvl]
+        share = float(w[:, lvl].sum() / w.sum())
+        title_l = f"level {lvl}: stride {s}, {h}x{wl} cells\n{share:.0%} of the weight"
+        image_axes(ax, title_l, ref_px(ref, lvl), box, lvl)
+        dots = draw_points(ax, px[:, lvl].reshape(-1, 2), w[:, lvl].reshape(-1), norm)
+    fig.colorbar(dots, ax=axes, shrink=0.9, pad=0.01, label="attention weight")
+    fig.suptitle(title, fontsize=8)
+    return fig
+
+
+enc_loc, enc_w = sampling[enc_first]
+for k in (0, 2):
+    box = gt_xyxy[small_obj].tolist() if k == 0 else None
+    fig = level_panels(
+        enc_loc[0, tokens[k]],
+        enc_w[0, tokens[k]],
+        ref_xy[k],
+        box,
+        f"encoder layer 1, the {query_names[k]} token",
+    )
+
+# %% [markdown]
+# ### Where a detection looks
+#
+# The decoder's cross-attention, last layer, for the image's correct detections: the query's
+# reference point (star; learned, the same for every image), its sampling points and its predicted
+# box (green).
+
+# %%
+found = deformable_hits(outputs, target)
+if not found:
+    print("note: the model detects no object of this image correctly; showing its most confident query")
+    found = [(int(outputs["pred_logits"][0].sigmoid().max(-1).values.argmax()), None, 0.0)]
+dec_last = names[-1]
+dec_loc, dec_w = sampling[dec_last]
+dec_ref = recorded[dec_last][1][1][0, :, 0]  # [Q, 2]: the reference points this layer sampled around
+pred_xyxy = box_convert(outputs["pred_boxes"][0], "cxcywh", "xyxy") * torch.tensor([W0, H0, W0, H0]) - 0.5
+for q, _, score in sorted(found, key=lambda f: -f[2])[:2]:
+    name = class_names.get(int(outputs["pred_logits"][0, q].argmax()), "?")
+    fig = level_panels(
+        dec_loc[0, q],
+        dec_w[0, q],
+        dec_ref[q],
+        pred_xyxy[q].tolist(),
+        f"decoder layer 3, query {q}: {name}, score {score:.2f}",
+    )
+
+# %% [markdown]
+# Per head for the most confident detection: each head samples all four levels (marker = level).
+# Compare the heads' directions, their reach, and the level each one trusts most.
+
+# %%
+q = sorted(found, key=lambda f: -f[2])[0][0]
+px = points_px(dec_loc[0, q])
+norm = Normalize(0.0, float(dec_w[0, q].max()))
+fig, axes = plt.subplots(2, 4, figsize=(9, 4.6), dpi=DPI, constrained_layout=True)
+for m, ax in enumerate(axes.flat):
+    share = dec_w[0, q, m].sum(-1)  # [L]: this head's weight per level
+    image_axes(
+        ax,
+        f"head {m}: most weight on level {int(share.argmax())} ({float(share.max()):.0%})",
+        ref_px(dec_ref[q]),
+        pred_xyxy[q].tolist(),
+    )
+    for lvl in range(n_levels):
+        dots = draw_points(ax, px[m, lvl], dec_w[0, q, m, lvl], norm, marker="osD^"[lvl])
+markers = [
+    plt.Line2D([], [], ls="", marker="osD^"[lvl], color="gray", label=f"level {lvl}")
+    for lvl in range(n_levels)
+]
+fig.legend(handles=markers, loc="outside lower center", ncol=n_levels, fontsize=7)
+fig.colorbar(dots, ax=axes, shrink=0.9, pad=0.01, label="attention weight")
+fig.suptitle(f"decoder layer 3, query {q}: the 8 heads", fontsize=8)
+
+# %% [markdown]
+# ### Dense versus sparse: DETR's cross-attention next to deformable sampling points
+#
+# The toy DETR (`data/checkpoints/detr_shapes.pt`, notebooks 04–06) attends from each query to
+# **every** cell of its single stride-16 map; notebook 04 draws these maps. Below, for one object
+# that both models detect correctly, DETR's last-layer cross-attention (heads averaged) over the
+# image, next to the Deformable model's 128 sampling points for the same object. Each model sees the
+# image at its own evaluation size.
+
+# %%
+detr, detr_cfg, _ = load_checkpoint(CKPT_DIR / "detr_shapes.pt")
+detr_image, _ = build_dataset(DATA, "val2017", detr_cfg.data, train=False)[index]
+with capture_attention(detr, layers=["transformer.decoder"]) as detr_attn:
+    detr_out = detr(detr_image[None])
+cross_name = sorted(k for k in detr_attn if k.endswith("multihead_attn"))[-1]
+Hd, Wd = detr_image.shape[-2:]
+detr_stride = detr.backbone.strides[-1]
+gh, gw = math.ceil(Hd / detr_stride), math.ceil(Wd / detr_stride)
+detr_maps = detr_attn[cross_name][0].mean(0).view(-1, gh, gw)  # [Q, gh, gw], heads averaged
+detr_prob = detr_out["pred_logits"][0].softmax(-1)[:, :-1]  # drop "no object"
+detr_scores, detr_labels = detr_prob.max(-1)
+detr_found = {
+    g: (q, s) for q, g, s in correct_detections(detr_scores, detr_labels, detr_out["pred_boxes"][0], target)
+}
+both = [(q, g, s) for q, g, s in found if g in detr_found]
+if both:
+    q_def, g, _ = both[0]
+    q_detr = detr_found[g][0]
+else:
+    print("note: no object of this image is detected correctly by both models; showing each one's best query")
+    q_def, q_detr = found[0][0], int(detr_prob.max(-1).values.argmax())
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=DPI, constrained_layout=True)
+ax = axes[0]
+ax.imshow(to_rgb(detr_image))
+amap = detr_maps[q_detr]
+shown = ax.imshow(
+    amap,
+    cmap="inferno",
+    alpha=0.6,
+    extent=(-0.5, gw * detr_stride - 0.5, gh * detr_stride - 0.5, -0.5),
+    interpolation="nearest",
+)
+x0, y0, x1, y1 = (
+    box_convert(detr_out["pred_boxes"][0, q_detr], "cxcywh", "xyxy") * torch.tensor([Wd, Hd, Wd, Hd]) - 0.5
+).tolist()
+ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", lw=1.3))
+ax.set_xlim(-0.5, Wd - 0.5)
+ax.set_ylim(Hd - 0.5, -0.5)
+ax.set_xticks([])
+ax.set_yticks([])
+ax.set_title(f"DETR query {q_detr}: dense, all {gh * gw} cells of one stride-{detr_stride} map", fontsize=8)
+fig.colorbar(shown, ax=ax, shrink=0.85, label="attention weight (heads averaged)")
+ax = axes[1]
+image_axes(
+    ax,
+    f"Deformable DETR query {q_def}: sparse, {n_heads * n_levels * n_points} points on {n_levels} levels",
+    ref_px(dec_ref[q_def]),
+    pred_xyxy[q_def].tolist(),
+)
+px = points_px(dec_loc[0, q_def])
+norm = Normalize(0.0, float(dec_w[0, q_def].max()))
+for lvl in range(n_levels):
+    dots = draw_points(
+        ax, px[:, lvl].reshape(-1, 2), dec_w[0, q_def, :, lvl].reshape(-1), norm, marker="osD^"[lvl]
+    )
+    ax.scatter([], [], marker="osD^"[lvl], c="gray", label=f"level {lvl}")
+ax.legend(fontsize=6, loc="lower left", framealpha=0.7)
+fig.colorbar(dots, ax=ax, shrink=0.85, label="attention weight (per head, sums to 1)")
+
+# %% [markdown]
+# DETR's weights are a softmax over all cells, so a query's map sums to 1 over the image and must
+# learn to be near zero almost everywhere; the deformable query's weights sum to 1 over its 16
+# points per head, and everything it does not sample costs nothing. Inside the predicted box:
+
+# %%
+ys, xs = torch.meshgrid(
+    (torch.arange(gh) + 0.5) * detr_stride, (torch.arange(gw) + 0.5) * detr_stride, indexing="ij"
+)
+bx = box_convert(detr_out["pred_boxes"][0, q_detr], "cxcywh", "xyxy") * torch.tensor([Wd, Hd, Wd, Hd])
+in_box = (xs >= bx[0]) & (xs <= bx[2]) & (ys >= bx[1]) & (ys <= bx[3])
+pts = points_px(dec_loc[0, q_def]) + 0.5
+bd = pred_xyxy[q_def] + 0.5
+pts_in = (pts[..., 0] >= bd[0]) & (pts[..., 0] <= bd[2]) & (pts[..., 1] >= bd[1]) & (pts[..., 1] <= bd[3])
+print(
+    f"DETR: {float(amap[in_box].sum()):.0%} of the attention on the {int(in_box.sum())} of {gh * gw} cells "
+    "inside its box"
+)
+print(
+    f"Deformable DETR: {float((dec_w[0, q_def] * pts_in).sum() / n_heads):.0%} of the weight on the "
+    f"{int(pts_in.sum())} of {pts_in.numel()} points inside its box"
+)
 
 # %% [markdown]
 # ## 8. What it saves: full attention vs deformable attention
@@ -557,8 +984,9 @@ for side in [16, 24, 32, 48, 64]:
     with torch.no_grad():
         t_full = best_time(run_full) if side <= 48 else float("nan")
         t_deform = best_time(run_deform)
-    m_full = saved_activation_bytes(run_full) if side <= 48 else float("nan")
-    m_deform = saved_activation_bytes(run_deform)
+    with torch.enable_grad():  # what a training forward keeps for the backward pass
+        m_full = saved_activation_bytes(run_full) if side <= 48 else float("nan")
+        m_deform = saved_activation_bytes(run_deform)
     rows.append((n, t_full, t_deform, m_full, m_deform))
 torch.set_num_threads(2)
 
@@ -575,7 +1003,7 @@ for n, tf, td, mf, md in rows:
 # %%
 n_grid = np.array([s * s for s in range(8, 129, 8)])
 measured = np.array(rows, dtype=float)
-fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(10, 2.8), dpi=80)
+fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(10, 2.8), dpi=DPI)
 ax1.plot(n_grid, [flops_full(n) / 1e9 for n in n_grid], label="full attention")
 ax1.plot(n_grid, [flops_deformable(n) / 1e9 for n in n_grid], label="deformable (L=1, P=4)")
 ax1.plot(n_grid, [flops_deformable(n, levels=4) / 1e9 for n in n_grid], "--", label="deformable (L=4, P=4)")
@@ -606,6 +1034,10 @@ slope_deform = np.polyfit(np.log(measured[:, 0]), np.log(measured[:, 4]), 1)[0]
 print("memory growth exponent: full", round(slope_full), " deformable", round(slope_deform))
 assert 1.6 < slope_full < 2.2 and 0.8 < slope_deform < 1.2
 
+
+# %%
+print(f"notebook ran in {time.perf_counter() - notebook_start:.0f} s")
+
 # %% [markdown]
 # ## Summary
 #
@@ -615,11 +1047,15 @@ assert 1.6 < slope_full < 2.2 and 0.8 < slope_deform < 1.2
 #   `align_corners=False`, zero padding) at $\hat p_q + \Delta p / (W_l, H_l)$.
 # * Reference points are normalised, so one point addresses every pyramid level; the same offset in
 #   pixels covers a wider image area at coarser levels.
-# * The official initialisation starts every head on its own compass direction with uniform weights.
-# * Cost and memory grow linearly with the number of tokens instead of quadratically, which is what
-#   lets the encoder run on a stride-8 map and four levels at once.
-# * `detr_lite.deformable.msda` computes exactly what we built: `ms_deform_attn_reference`,
-#   the fast `ms_deform_attn`, and the `MSDeformAttn` module all agree with the hand-built version.
+# * Training starts every head on its own compass direction with uniform weights; section 7 measures
+#   what the trained model made of it: the learned bias, how much the points follow the query's
+#   content, and which levels each head reads.
+# * A DETR query spreads a softmax over every cell of one map; a deformable query reads 128 points
+#   over four maps.
+# * Cost and memory grow linearly with the number of tokens, not quadratically: the encoder can
+#   afford a stride-8 map and four levels.
+# * With the trained weights, `ms_deform_attn_reference`, `ms_deform_attn` and `MSDeformAttn` all
+#   equal the hand-built version, gradients included.
 #
 # ## Exercises
 #
@@ -633,5 +1069,5 @@ assert 1.6 < slope_full < 2.2 and 0.8 < slope_deform < 1.2
 #    one (section 4's formula). How does this help the decoder?
 # 5. Replace `nn.MultiheadAttention` in section 8 by `F.scaled_dot_product_attention` (a fused,
 #    "flash"-style kernel on recent PyTorch). What happens to the measured memory, and to the FLOPs?
-# 6. Learn a point: freeze everything but `sampling_offsets.bias` of one head and use Adam to make the
-#    eye query's output match the value at the nose. Plot the points every few steps.
+# 6. Section 7's level table is for one image. Average it over twenty validation images, separately
+#    for queries that detect small and large objects. Which levels do small objects use?
