@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detr_lite.config import get_config  # noqa: E402
 from detr_lite.engine import _to_float32, amp_dtype_for, build_optimizer, weighted_loss  # noqa: E402
-from detr_lite.official import RECIPES  # noqa: E402
 from detr_lite.models import build_criterion, build_model  # noqa: E402
+from detr_lite.official import RECIPES  # noqa: E402
 
 TRAIN2017_IMAGES = 118_287
 PRESETS = {"detr": "detr-r50-coco", "deformable_detr": "deformable-detr-r50-coco"}
