@@ -7,7 +7,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 # Kernels draw figures with the inline backend (MPLBACKEND=Agg would silently drop every figure).
 NB_ENV := MPLBACKEND=module://matplotlib_inline.backend_inline
 
-.PHONY: venv train train-deformable test lint unit nbval sync-check lab notebooks bench clean-venv
+.PHONY: venv train train-deformable deformable-study test lint unit nbval sync-check lab notebooks bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,21 @@ train-deformable: $(STAMP)
 	$(PY) -m detr_lite.train --config deformable-shapes --backbone-weights $(TRAIN_OUT)/backbone.pt --output $(DEFORMABLE_OUT) $(TRAIN_ARGS)
 	$(PY) -m detr_lite.evaluate --checkpoint $(DEFORMABLE_OUT)/checkpoint.pt --json $(DEFORMABLE_OUT)/eval.json --no-progress
 	@echo "plots: $(DEFORMABLE_OUT)/loss.png  checkpoint: $(DEFORMABLE_OUT)/checkpoint.pt  metrics: $(DEFORMABLE_OUT)/eval.json"
+
+## The convergence study of notebook 08: DETR and the three Deformable variants from the same
+## pretext backbone for STUDY_EPOCHS epochs each (evaluated every epoch), logs copied to
+## data/checkpoints/study/. DETR's constant-lr preset makes its first 30 epochs those of make train.
+STUDY_EPOCHS ?= 30
+STUDY_OUT ?= runs/study
+STUDY_RUNS := detr:detr-shapes deformable:deformable-shapes deformable_refine:deformable-shapes-refine \
+  deformable_refine_two_stage:deformable-shapes-refine-two-stage
+deformable-study: $(STAMP)
+	test -f $(TRAIN_OUT)/backbone.pt || $(PY) -m detr_lite.pretrain --config detr-shapes --output $(TRAIN_OUT)/backbone.pt $(PRETRAIN_ARGS)
+	mkdir -p data/checkpoints/study
+	for run in $(STUDY_RUNS); do name=$${run%%:*}; cfg=$${run#*:}; \
+	  $(PY) -m detr_lite.train --config $$cfg --backbone-weights $(TRAIN_OUT)/backbone.pt --output $(STUDY_OUT)/$$name \
+	    --epochs $(STUDY_EPOCHS) --eval-every 1 --no-progress $(TRAIN_ARGS) || exit 1; \
+	  cp $(STUDY_OUT)/$$name/log.jsonl data/checkpoints/study/$${name}_log.jsonl; done
 
 ## Full test suite: lint, unit/parity/CLI tests, notebook pairing check, every notebook under nbval.
 test: $(STAMP) lint sync-check unit nbval
