@@ -7,7 +7,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 # Kernels draw figures with the inline backend (MPLBACKEND=Agg would silently drop every figure).
 NB_ENV := MPLBACKEND=module://matplotlib_inline.backend_inline
 
-.PHONY: venv train train-deformable deformable-study test lint unit nbval sync-check lab notebooks bench clean-venv
+.PHONY: venv train train-deformable deformable-study test lint unit nbval sync-check lab notebooks notebook-headers bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -76,16 +76,28 @@ nbval: $(STAMP)
 	    --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks -q -p no:cacheprovider; \
 	else echo "nbval: notebooks/ has no executed .ipynb yet; nothing to run"; fi
 
-## JupyterLab on notebooks/ (default token auth; the URL with the token is printed).
+## JupyterLab on notebooks/: token auth, no browser opened (works headless); open the printed URL
+## with its token. A .py notebook opens as a notebook on double-click (.jupyter/lab/settings/overrides.d).
+## More options: make lab LAB_ARGS="--ip=0.0.0.0 --port=8889"
+LAB_ARGS ?=
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.d
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+	mkdir -p $(LAB_SETTINGS) && cp .jupyter/lab/settings/overrides.d/detr_lite.json $(LAB_SETTINGS)/
+	$(VENV)/bin/jupyter lab --no-browser --notebook-dir=notebooks \
+	  $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
-## Re-execute every notebook from its .py source and refresh the paired .ipynb.
+## Re-execute every notebook from its .py source and refresh the paired .ipynb, then rewrite the
+## .py header from it as JupyterLab's jupytext writes it (so opening a notebook in the lab changes nothing).
 ## (One notebook: make notebooks NOTEBOOKS=notebooks/07_deformable_attention.py)
 notebooks: $(STAMP)
 	for nb in $(NOTEBOOKS); do \
-	  $(NB_ENV) $(VENV)/bin/jupytext --to ipynb --execute --set-kernel python3 "$$nb" || exit 1; done
+	  $(NB_ENV) $(VENV)/bin/jupytext --to ipynb --execute --set-kernel python3 "$$nb" || exit 1; \
+	  $(VENV)/bin/jupytext --sync --set-kernel python3 "$${nb%.py}.ipynb" || exit 1; done
 	$(PY) tests/check_notebook_sync.py $(NOTEBOOKS)
+
+## Only the headers of both halves of each pair, without re-executing (outputs are kept).
+notebook-headers: $(STAMP)
+	for nb in $(NOTEBOOKS); do $(VENV)/bin/jupytext --sync --set-kernel python3 "$$nb" || exit 1; done
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"

@@ -2,11 +2,13 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -14,14 +16,16 @@
 # %% [markdown]
 # # 01 · Backbone and flatten: from an image to a sequence of 256-d tokens
 #
-# **Learning goal.** Follow one photograph through the first stage of DETR, as the seed writes it:
+# **Learning goal.** Follow one photograph through the first stage of DETR. The DETR process notes
+# this walkthrough follows (a one-page outline of the DETR and Deformable DETR pipelines, quoted at the
+# top of every notebook as "the process notes") write it as:
 #
 # > Image (3×H0×W0) → CNN (ResNet) → Feature Map (C×H×W = 2048×H0/32×W0/32) → Conv1×1 → d×H×W
 # > (d is smaller than C) → Flatten → d×HW
 #
 # By the end you can say what shape every tensor has, why DETR needs a *padding mask* when it
 # batches images of different sizes, how that mask follows the image down to the feature grid, and
-# how the seed's *sequence-first* `[HW, B, 256]` relates to the package's *batch-first*
+# how the process notes' *sequence-first* `[HW, B, 256]` relates to the package's *batch-first*
 # `[B, HW, 256]`. We build each step from torchvision/torch pieces, then check that
 # `detr_lite.backbone` computes exactly the same thing with the same weights.
 
@@ -29,7 +33,6 @@
 # %matplotlib inline
 import math
 
-import matplotlib.pyplot as plt
 import skimage.data
 import torch
 import torch.nn.functional as F
@@ -44,7 +47,7 @@ from detr_lite.data.coco import collate_fn
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)  # this notebook only runs forward passes
-plt.rcParams["figure.dpi"] = 80  # small figures keep the executed notebook small
+viz.use_style()  # the notebooks' figure dpi and font sizes
 
 # %% [markdown]
 # ## 1. A real photograph, ImageNet-normalised
@@ -82,8 +85,8 @@ ax = viz.show_image(cat, title=f"input 3x{H0}x{W0} (de-normalised for display)")
 # (the package does this when `ModelConfig.pretrained_backbone=True`). DETR also freezes batch-norm
 # statistics (`torchvision.ops.FrozenBatchNorm2d`); in `eval()` mode an ordinary `BatchNorm2d`
 # computes the same thing, so we just call `eval()`. (The toy model trained on the bundled data
-# needs pretrained weights too; offline it gets them from a short pretext task on the training
-# split, `python -m detr_lite.pretrain`, shown in notebook 06.)
+# gets its pretrained weights offline from a pretext task on the training split:
+# [notebook 06](06_training_detr.ipynb).)
 
 # %%
 resnet = torchvision.models.resnet50(weights=None).eval()
@@ -114,7 +117,7 @@ for name, channels, stride in [
 
 # %%
 # NBVAL_CHECK_OUTPUT
-feature_map = stages["layer4"]  # the seed's "Feature Map": C x H x W = 2048 x H0/32 x W0/32
+feature_map = stages["layer4"]  # the process notes' "Feature Map": C x H x W = 2048 x H0/32 x W0/32
 C, H, W = feature_map.shape[1:]
 print("feature map C x H x W =", (C, H, W), " H0/32 =", H0 / 32, " W0/32 =", W0 / 32)
 assert (C, H, W) == (2048, math.ceil(H0 / 32), math.ceil(W0 / 32)) == (2048, 10, 15)
@@ -124,12 +127,13 @@ assert (C, H, W) == (2048, math.ceil(H0 / 32), math.ceil(W0 / 32)) == (2048, 10,
 # (here: random) filter responds. A pretrained network's channels would light up on parts of the cat.
 
 # %%
-fig, axes = plt.subplots(1, 5, figsize=(9, 1.8), dpi=80)
-viz.show_image(cat, ax=axes[0], title="image")
-for ax, c in zip(axes[1:], [0, 100, 500, 2000]):
+fig, axes = viz.subplots(1, 5)
+viz.show_image(cat, ax=axes[0, 0], title="input image")
+for ax, c in zip(axes[0, 1:], [0, 100, 500, 2000]):
     ax.imshow(feature_map[0, c], cmap="viridis")
-    ax.set_title(f"layer4 channel {c}", fontsize=8)
+    ax.set_title(f"channel {c}")
     ax.axis("off")
+fig.suptitle("layer4 output (10x15 cells): four of its 2048 channels, each on its own colour scale")
 
 # %% [markdown]
 # ## 3. Conv1×1: 2048 → d = 256 channels
@@ -156,13 +160,13 @@ assert z0.shape == (1, 256, 10, 15)
 #
 # A transformer consumes a *sequence*. Flattening the two spatial axes turns the grid into HW = 150
 # tokens of width 256 (row-major: token `i·W + j` is grid cell `(i, j)`). The official DETR code,
-# and the seed, keep PyTorch's old *sequence-first* layout `[HW, B, d]`; `detr_lite` is
+# and the process notes, keep PyTorch's old *sequence-first* layout `[HW, B, d]`; `detr_lite` is
 # *batch-first*, `[B, HW, d]`. They hold the same numbers; one `permute` swaps between them.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-flat = z0.flatten(2)  # [B, d, HW]  -- the seed's d x HW
-seq_first = flat.permute(2, 0, 1)  # [HW, B, d] -- official DETR / seed notation
+flat = z0.flatten(2)  # [B, d, HW]  -- the process notes' d x HW
+seq_first = flat.permute(2, 0, 1)  # [HW, B, d] -- official DETR / process-notes notation
 batch_first = flat.transpose(1, 2)  # [B, HW, d] -- detr_lite
 print("d x HW     :", tuple(flat.shape))
 print("seq-first  :", tuple(seq_first.shape), " [HW, B, 256]")
@@ -212,10 +216,11 @@ pkg_batch, pkg_mask, _ = collate_fn([(im, {}) for im in images])
 assert torch.equal(pkg_batch, batch) and torch.equal(pkg_mask, mask)
 
 # %%
-fig, axes = plt.subplots(1, 4, figsize=(9, 1.9), dpi=80)
+fig, axes = viz.subplots(1, 4)
 for b in range(2):
-    viz.show_image(batch[b], ax=axes[2 * b], title=f"padded image {b}")
-    viz.show_mask(mask[b], ax=axes[2 * b + 1], title=f"mask {b} (white = pad)")
+    viz.show_image(batch[b], ax=axes[0, 2 * b], title=f"padded image {b}")
+    viz.show_mask(mask[b], ax=axes[0, 2 * b + 1], title=f"mask {b} (white = pad)")
+fig.suptitle("a batch of two images on one 300x451 canvas, and its padding masks")
 
 # %% [markdown]
 # The mask has to follow the image to the feature grid, because the transformer must know which
@@ -235,9 +240,10 @@ assert feats.shape == (2, 2048, 10, 15) and feat_mask.shape == (2, 10, 15)
 assert feat_mask.flatten(1).sum(1).tolist() == [0, 150 - 9 * 9]
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(5, 1.8), dpi=80)
-viz.show_mask(mask[1], ax=axes[0], title="image-level mask 300x451")
-ax = viz.show_mask(feat_mask[1], ax=axes[1], title="feature-level mask 10x15")
+fig, axes = viz.subplots(1, 2)
+viz.show_mask(mask[1], ax=axes[0, 0], title="image-level mask 300x451")
+viz.show_mask(feat_mask[1], ax=axes[0, 1], title="feature-level mask 10x15")
+fig.suptitle("image 1's mask, and the same mask on the feature grid (white = pad)")
 
 # %% [markdown]
 # The flattened mask `[B, HW]` is what the transformer later receives as `key_padding_mask`.
@@ -252,8 +258,9 @@ assert key_padding_mask.shape == (2, 150)
 # ## 6. The DC5 variant: dilation instead of stride in the last stage
 #
 # DETR-DC5 removes the stride of `layer4` and dilates its convolutions instead, so the receptive
-# field stays the same but the feature map is twice as fine (stride 16). That helps small objects and
-# costs about 2× compute in the encoder (4× as many tokens attend to 4× as many).
+# field stays the same but the feature map is twice as fine (stride 16). That helps small objects,
+# and it is expensive: the encoder gets 4× as many tokens, each attending to 4× as many, so encoder
+# self-attention costs 16× as much. The paper reports about 2× the compute for the whole model.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -307,7 +314,7 @@ assert backbone_dc5.num_channels == [2048] and backbone_dc5.strides == [16]
 #   the stem and four stages reduce a 3×H0×W0 image to a **2048 × ⌈H0/32⌉ × ⌈W0/32⌉** feature map
 #   (stride 16 with DC5 dilation).
 # * A **1×1 convolution** (a per-pixel linear map) reduces 2048 channels to **d = 256**.
-# * **Flattening** turns the d×H×W grid into HW tokens: `[B, d, HW]`, i.e. the seed's d×HW; the
+# * **Flattening** turns the d×H×W grid into HW tokens: `[B, d, HW]`, i.e. the process notes' d×HW; the
 #   official code's sequence-first `[HW, B, 256]` and the package's batch-first `[B, HW, 256]` differ
 #   only by `permute(1, 0, 2)`.
 # * Batches of different-sized images are **zero-padded** to a common canvas; a boolean **mask**

@@ -2,11 +2,13 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -14,7 +16,7 @@
 # %% [markdown]
 # # 02 · Positional encoding and the transformer encoder
 #
-# **Learning goal.** The seed's encoder stage:
+# **Learning goal.** The encoder stage of the process notes ([notebook 01](01_backbone_and_flatten.ipynb)):
 #
 # > Input: Img_Feature (d×HW) + PE (d×HW). 1 Multi-head self-attention with Q = K = Img_Feature + PE,
 # > V = Img_Feature → 2 Add + LayerNorm → 3 FFN → 4 Add + LayerNorm. Output d×HW. Repeated 6 times.
@@ -48,7 +50,7 @@ from detr_lite.transformer import TransformerEncoderLayer, capture_attention
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)  # these notebooks only run forward passes
-plt.rcParams["figure.dpi"] = 80  # small figures keep the executed notebook small
+viz.use_style()  # the notebooks' figure dpi and font sizes
 
 # %% [markdown]
 # ## 1. The sine positional encoding, by hand
@@ -153,25 +155,28 @@ fig = viz.plot_pe_channels(big, channels, titles=names)
 
 # %%
 flat = big.flatten(1).T  # [600, 256]
-fig, axes = plt.subplots(1, 3, figsize=(8, 1.9), dpi=80)
-for ax, (r, c) in zip(axes, [(3, 4), (10, 15), (17, 27)]):
-    sim = (flat @ flat[r * 30 + c]).view(20, 30)
-    ax.imshow(sim, cmap="viridis")
+points = [(3, 4), (10, 15), (17, 27)]
+sims = [(flat @ flat[r * 30 + c]).view(20, 30) for r, c in points]  # one shared colour scale
+lo, hi = min(float(m.min()) for m in sims), max(float(m.max()) for m in sims)
+fig, axes = viz.subplots(1, 3)
+for ax, (r, c), sim in zip(axes[0], points, sims):
+    im = ax.imshow(sim, cmap="viridis", vmin=lo, vmax=hi)
     ax.plot([c], [r], "r+", markersize=8)
-    ax.set_title(f"code({r},{c}) · code(all)", fontsize=8)
+    ax.set_title(f"position ({r}, {c}) (red +)")
     ax.axis("off")
+fig.colorbar(im, ax=list(axes[0]), fraction=0.02, pad=0.01, label="dot product")
+fig.suptitle("dot product of one position's code with every position's code, 20x30 grid")
 
 # %% [markdown]
 # ### The temperature on a small grid
 #
 # The wavelengths run from 2π up to 2π·T (T = 10000 officially). On COCO's ~25×38 grids that is fine,
-# but the toy model's grid has at most 10×15 cells (short side at most 160 px, long side at most 240,
-# stride 16; at most 8×12 in the first 70 of its 90 training epochs, which use smaller images): with
+# but the toy model's images give grids of only about 6×9 to 10×15 cells at stride 16: with
 # T = 10000 most of the 64 frequencies per axis barely change across the whole grid, so they carry
 # almost no position. The `detr-shapes` preset sets `pe_temperature = 20` (as Conditional and
 # DAB-DETR do), which keeps every channel informative. Count the channels whose value moves by more
-# than 0.1 across a 7×10 grid (a middle training scale of the first 70 epochs, the grid the model card
-# quotes) and across the 10×15 grid of the largest training scale, which is also the validation size:
+# than 0.1 across a 7×10 grid (a typical training image) and across the 10×15 grid of a validation
+# image:
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -372,11 +377,8 @@ assert torch.allclose(out_seq.transpose(0, 1), attn_out, atol=1e-5)
 # `detr_lite.transformer.capture_attention(model)` is a context manager: inside it, every attention
 # layer also records its weights `[B, heads, Lq, Lk]` under its module name. We use the toy DETR
 # configuration of the bundled data (`detr-shapes`: ResNet-18 cut after `layer3`, so stride 16 and
-# 256 channels; d = 128; 3 + 3 layers; 10 queries) and a validation image at the validation resolution:
-# short side 160 px, the largest training scale of the recipe's last phase (it trains on smaller
-# images, short side 96–128, for 70 epochs, then at about the images' own size, 120–160, for the last
-# 20: progressive resizing; official DETR likewise evaluates at its largest training scale, 800), so
-# this 160×240 image becomes a 10×15 grid of 150 tokens.
+# 256 channels; d = 128; 3 + 3 layers; 10 queries) and a validation image at the validation size,
+# short side 160 px, so this 160×240 image becomes a 10×15 grid of 150 tokens.
 
 # %%
 cfg = get_config("detr-shapes")
@@ -429,10 +431,11 @@ def attention_at_points(model, image, points):
 def show_encoder_attention(model, label):
     """Draw the chosen cells' encoder attention and print the share of it on each object's box."""
     maps = attention_at_points(model, image, centres)
-    fig = viz.show_attention_maps(
-        image, maps, points=centres, titles=[f"{label}: {n}" for n in names], overlay=True
-    )
     s = model.backbone.strides[-1]
+    fig = viz.show_attention_maps(
+        image, maps, points=centres, titles=[f"{label}: cell on the {n}" for n in names], stride=s,
+        suptitle=f"{label} encoder, last layer: what the cell under each dot attends to",
+    )  # fmt: skip
     on_box, uniform = viz.attention_mass_in_boxes(maps, boxes_xyxy, s)
     print(
         f"{label + ':':10} attention on own box",
@@ -459,37 +462,23 @@ fig = show_encoder_attention(model, "untrained")
 # asking, and the share of attention on each object's box is what uniform attention would give (every
 # entry of the table is about 1).
 #
-# Now the **trained** toy DETR, `data/checkpoints/detr_shapes.pt`. Its card
-# (`data/checkpoints/detr_shapes.md`) has the recipe and the numbers: a ResNet-18 backbone pretrained
-# on the training split with a dense pretext, then 90 epochs of DETR training on two CPU cores that
-# also fine-tune the backbone's layer2-3 (at half the transformer's learning rate); the checkpoint
-# holds a moving average of the weights over roughly the last 500 optimiser steps. Evaluated at
-# validation short side 160 (the largest training scale of its last phase) it has val AP 0.586 (AP50
-# 0.855, AP75 0.648; large objects APl 0.752, small ones APs 0.387). Its encoder is the
-# **pre-norm** variant with sine temperature **T = 20**, not the post-norm layer with T = 10000 we
-# built above (both are options of the same code: `pre_norm`, `pe_temperature`).
+# Now the **trained** toy DETR, `data/checkpoints/detr_shapes.pt` ([notebook 06](06_training_detr.ipynb)
+# shows how it is trained and how well it detects). Its encoder is the **pre-norm** variant with sine
+# temperature **T = 20**, not the post-norm layer with T = 10000 we built above (both are options of
+# the same code: `pre_norm`, `pe_temperature`).
 
 # %%
 trained, trained_cfg, ckpt = load_checkpoint("../data/checkpoints/detr_shapes.pt")
 fig = show_encoder_attention(trained, "trained")
 
 # %% [markdown]
-# Training has changed the maps, and they now depend on which cell asks. The large (magenta)
-# square's cell looks at the upper middle of the square, its own object, and also at the top-right
-# corner of the image, on background; the cross's cell looks at the middle of the square too, and a
-# little at the circle. The cells on the two small objects both look at the lower half of the circle
-# (brightest) and at the small square, a little at the left arm of the cross. They put about 5–6× the
-# uniform share on their own box (the diagonal: 5.8 on the circle, 4.8 on the small square; 0.16
-# against 0.03 and 0.03 against 0.01), yet most of their attention still lies elsewhere. And the table
-# shows that this is not (only) each cell looking at its own object: the small square's cell puts
-# almost as much on the circle's box (4.7×) as on its own, and the circle's cell puts 4.9× the uniform
-# share on the small square's box; even the cross's cell puts more on the two small boxes (2.5× and
-# 1.9×) than on its own or the square's (1.2× and 1.5×), while the square's cell puts 1.5× on its own
-# box and at most the uniform share on every other (0.8 to 1.0). On this image the strongest weights mark
-# "the small shapes" for the cells on small objects and "the large square" (plus, for the square's
-# own cell, a corner of background) for the cells on large ones. For the two large objects the
-# own-box shares are 1.2× and 1.5× the uniform share: the cross's box covers about two thirds of the
-# grid, so this measure cannot tell much there.
+# Training has changed the maps, and they now depend on which cell asks. The cells on the two small
+# objects put about 5–6× the uniform share on their own box (the diagonal of the table: 5.8 on the
+# circle, 4.8 on the small square), yet most of their attention still lies elsewhere, and each puts
+# almost as much on the *other* small object's box (4.7× and 4.9×): on this image the strongest
+# weights mark "the small shapes" for cells on small objects and "the large square" for cells on
+# large ones, more than "my own object". For the two large objects the measure cannot tell much: the
+# cross's box covers about two thirds of the grid, so even uniform attention puts most weight inside.
 #
 # One image is an anecdote. The same measure over the objects of the first 40 validation images,
 # split by how much of the grid an object's box covers, untrained versus trained. To separate
@@ -540,44 +529,32 @@ assert ratio["untrained", "box < 20% of grid"] < 1.2  # measured 1.01: about uni
 # %% [markdown]
 # For the smaller objects, the trained encoder's cell at an object's centre puts about 2.4× the
 # uniform share of its attention on that object's box (0.166 against 0.068), while an average cell
-# of the same image puts only about 1.2× the uniform share there (0.081). So over many images
-# the extra attention on a small object's box comes mostly from the object's own cell, not from every
-# cell looking at the small shapes, as the small square's cell of image 3, looking at the circle,
-# might suggest. The untrained encoder shows neither (1.01 and 1.00). For the large objects the
-# trained own-cell share stays close to uniform (1.17×; an average cell puts about the uniform share
-# there too, 0.490 against 0.506). So the encoder has learned some *per-object* grouping, but far
-# less than a converged DETR, where a cell on an object attends to that object's own extent (Fig. 3
-# of the DETR paper). Part of the object knowledge may already sit in the backbone features,
-# pretrained and then fine-tuned along with the transformer; and dense attention, spread over all HW
-# keys at the start, needs very long training to focus (DETR trains 500 epochs on COCO). That slow
-# convergence is exactly what Deformable DETR (notebooks 07 and 08) attacks by attending
-# to a few sampled points only.
+# of the same image puts only about 1.2× the uniform share there (0.081): over many images the extra
+# attention comes mostly from the object's own cell. The untrained encoder shows neither (1.01 and
+# 1.00). For the large objects the own-cell share stays close to uniform (1.17×). So the encoder has
+# learned some *per-object* grouping, but far less than a converged DETR, where a cell on an object
+# attends to that object's own extent (Fig. 3 of the DETR paper). Dense attention, spread over all
+# HW keys at the start, needs very long training to focus (DETR trains 500 epochs on COCO); that slow
+# convergence is what Deformable DETR (notebooks 07 and 08) attacks by attending to a few sampled
+# points only.
 
 # %% [markdown]
 # ## Summary
 #
-# * Attention is order-blind, so DETR **adds a positional encoding** to the queries and keys (not to
-#   the values). The sine encoding counts real cells (`cumsum(~mask)`), normalises by the image's own
-#   extent to (0, 2π], divides by 64 frequencies `T^(2⌊i/2⌋/128)`, takes interleaved sin/cos and
-#   concatenates row and column codes: `[B, 256, h, w]`. Padding never shifts it.
-# * An **encoder layer** = multi-head self-attention (`q = k = src + pos`, `v = src`) → add & norm → FFN
-#   → add & norm, shape-preserving `[B, HW, 256]`; the official sequence-first `[HW, B, 256]` is the same
-#   computation transposed.
-# * The **key padding mask** sets padded keys' scores to −∞: they get weight exactly 0 and nothing
-#   written in padding reaches real tokens.
-# * The **temperature** T sets the slowest wavelength. On the toy model's 7×10 to 10×15 grids only
-#   49 to 50 of 128 channels vary by more than 0.1 with the official T = 10000, 122 with T = 20 (the
-#   toy preset's).
-# * Our from-primitives versions equal `PositionEmbeddingSine` and `TransformerEncoderLayer`, in
-#   both arrangements: **post-norm** `norm(x + f(x))` (DETR's default) and **pre-norm**
-#   `x + f(norm(x))` (`--pre_norm`, the toy preset), whose residual stream is never normalised.
-# * `capture_attention` records every attention map without hooks. In the trained toy DETR (pre-norm,
-#   T = 20, AP 0.586 at validation short side 160) cells on smaller objects put about 2.4× the
-#   uniform share of their attention on their own box, where an average cell puts little more than
-#   the uniform share: measured, not eyeballed, with `viz.attention_mass_in_boxes`. Most of it still
-#   goes elsewhere (on one image, the cells on both small shapes looked at the circle and the small
-#   square, and the cells on both large shapes at the large square, the square's own cell also at a
-#   background corner): far from the per-object maps of a converged DETR.
+# * Attention is order-blind, so DETR **adds a positional encoding** to queries and keys (not values).
+#   The sine encoding counts real cells (`cumsum(~mask)`), normalises by the image's own extent to
+#   (0, 2π], divides by 64 frequencies `T^(2⌊i/2⌋/128)`, takes interleaved sin/cos and concatenates
+#   row and column codes: `[B, 256, h, w]`. Padding never shifts it.
+# * The **temperature** T sets the slowest wavelength: on 7×10 to 10×15 grids about 50 of 128
+#   channels vary with T = 10000, 122 with T = 20.
+# * An **encoder layer** = self-attention (`q = k = src + pos`, `v = src`) → add & norm → FFN → add &
+#   norm, `[B, HW, 256]` in and out; **pre-norm** `x + f(norm(x))` is the official alternative. The
+#   official sequence-first `[HW, B, 256]` is the same computation transposed.
+# * The **key padding mask** gives padded keys weight exactly 0.
+# * Our versions from primitives equal `PositionEmbeddingSine` and `TransformerEncoderLayer`.
+# * `capture_attention` records every attention map without hooks. In the trained toy DETR, cells on
+#   small objects put about 2.4× the uniform share of their attention on their own box, measured with
+#   `viz.attention_mass_in_boxes`: a start, far from the per-object maps of a converged DETR.
 #
 # ## Exercises
 #

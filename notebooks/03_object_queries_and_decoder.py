@@ -2,11 +2,13 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -14,7 +16,8 @@
 # %% [markdown]
 # # 03 · Object queries and decoder self-attention
 #
-# **Learning goal.** The first half of the seed's decoder stage:
+# **Learning goal.** The first half of the decoder stage of the process notes
+# ([notebook 01](01_backbone_and_flatten.ipynb)):
 #
 # > Input: Encoder-Out (d×HW), Object-Query (num_query × dim_query) → (100×256).
 # > 1 Self-attention on the object queries, so that each object query attends to different object
@@ -23,7 +26,7 @@
 #
 # We make the 100 learned **object queries**, see why the decoder's input `tgt` starts at zero, build
 # the decoder's self-attention by hand and check it against `detr_lite.transformer.TransformerDecoderLayer`,
-# then stack six layers and relate the seed's sequence-first `[6, 100, B, 256]` to the package's
+# then stack six layers and relate the process notes' sequence-first `[6, 100, B, 256]` to the package's
 # batch-first `[6, B, 100, 256]`. Finally we look at what the queries of the trained toy DETR have
 # learned: where each query "slot" predicts boxes, and how the queries attend to each other.
 
@@ -43,7 +46,7 @@ from detr_lite.transformer import TransformerDecoder, TransformerDecoderLayer, c
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)  # these notebooks only run forward passes
-plt.rcParams["figure.dpi"] = 80  # small figures keep the executed notebook small
+viz.use_style()  # the notebooks' figure dpi and font sizes
 
 # %% [markdown]
 # ## 1. Object queries: 100 learned vectors
@@ -60,12 +63,12 @@ print("query_embed.weight:", tuple(query_embed.weight.shape), " (num_query x dim
 assert query_embed.weight.shape == (100, 256)
 
 # %% [markdown]
-# For a batch they are repeated per image. The official code (and the seed) use the sequence-first
+# For a batch they are repeated per image. The official code (and the process notes) use the sequence-first
 # layout `[num_query, B, 256]`; the package is batch-first `[B, num_query, 256]`.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-query_pos_seq = query_embed.weight.unsqueeze(1).repeat(1, B, 1)  # [100, B, 256]  official / seed
+query_pos_seq = query_embed.weight.unsqueeze(1).repeat(1, B, 1)  # [100, B, 256]  official / process notes
 query_pos = query_embed.weight.unsqueeze(0).expand(B, -1, -1)  # [B, 100, 256]  detr_lite
 print("seq-first  :", tuple(query_pos_seq.shape))
 print("batch-first:", tuple(query_pos.shape))
@@ -137,12 +140,12 @@ assert torch.allclose(layer.self_attn(q, k, tgt1), by_hand, atol=1e-5)
 # FFN follow. The query-to-query weight matrix of one head of this random layer:
 
 # %%
-fig, ax = plt.subplots(figsize=(2.6, 2.4), dpi=80)
-ax.imshow(weights[0, 0], cmap="viridis")
-ax.set_title("untrained: head 0, query -> query", fontsize=8)
-ax.set_xlabel("key (query slot)", fontsize=8)
-ax.set_ylabel("query slot", fontsize=8)
-fig.tight_layout()
+fig, ax = viz.subplots(1, 1, width=3.4, row_height=2.6)
+im = ax[0, 0].imshow(weights[0, 0], cmap="viridis")
+ax[0, 0].set_title("untrained layer, head 0: query -> query weights")
+ax[0, 0].set_xlabel("key (query slot)")
+ax[0, 0].set_ylabel("query slot")
+fig.colorbar(im, ax=ax[0, 0], label="attention weight")
 # %% [markdown]
 # ## 3. Six decoder layers and the shared final norm
 #
@@ -160,7 +163,7 @@ hs = decoder(tgt, memory, None, pos, query_pos)
 print("hs (batch-first):", tuple(hs.shape), " [num_layer, B, num_query, 256]")
 hs_seq = hs.transpose(1, 2)
 print(
-    "hs (seq-first)  :", tuple(hs_seq.shape), " [num_layer(6), num_query(100), B, 256]  (the seed's notation)"
+    "hs (seq-first)  :", tuple(hs_seq.shape), " [num_layer(6), num_query(100), B, 256]  (the process notes' notation)"
 )
 assert hs.shape == (6, 2, 100, 256) and hs_seq.shape == (6, 100, 2, 256)
 
@@ -178,16 +181,10 @@ for i, lyr in enumerate(decoder.layers):
 # %% [markdown]
 # ## 4. What the trained toy DETR's queries learned
 #
-# The toy model shipped with the package (`data/checkpoints/detr_shapes.pt`, preset `detr-shapes`;
-# its card `detr_shapes.md` has the recipe: a pretrained ResNet-18 backbone whose layer2-3 are
-# fine-tuned along with the transformer, 90 epochs on two CPU cores; the shipped weights are a moving
-# average over roughly the last 500 optimiser steps) has 10 queries of width 128 and 3 decoder layers. It is evaluated at validation short side 160, the largest training scale of its
-# last phase (the recipe trains on smaller images, short side 96–128, for 70 epochs, then at about the
-# images' own size, 120–160, for the last 20: progressive resizing), as official DETR evaluates at its
-# largest training scale (800): val AP 0.586, AP50 0.855, AP75 0.648, APs 0.387 for small and APl
-# 0.752 for large objects. We run it over the first 60 bundled
-# validation images at that size (60 keep this notebook fast on a laptop CPU) and also record the
-# decoder's attention weights, for the self-attention check at the end.
+# The toy model shipped with the package (`data/checkpoints/detr_shapes.pt`, preset `detr-shapes`,
+# trained as [notebook 06](06_training_detr.ipynb) shows) has 10 queries of width 128 and 3 decoder
+# layers. We run it over the first 60 bundled validation images at the validation size (short side
+# 160) and also record the decoder's attention weights, for the self-attention check at the end.
 
 # %%
 model, cfg, ckpt = load_checkpoint("../data/checkpoints/detr_shapes.pt")
@@ -229,7 +226,7 @@ def slot_colors(boxes):
 
 
 rows = math.ceil(num_q / 10)
-fig, axes = plt.subplots(rows, 10, figsize=(10, 1.2 * rows), dpi=80, squeeze=False)
+fig, axes = viz.subplots(rows, 10, row_height=1.25)
 for qi, ax in enumerate(axes.flat):
     if qi >= num_q:
         ax.axis("off")
@@ -242,7 +239,10 @@ for qi, ax in enumerate(axes.flat):
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(f"query {qi}", fontsize=7)
-fig.tight_layout()
+fig.suptitle(
+    "box centres of each query over 60 val images (green: small, red: large and wide, blue: large and tall;"
+    " faint: no object)"
+)
 
 # %% [markdown]
 # How much does a query's box move from image to image? If the queries had only memorised "where
@@ -309,7 +309,7 @@ assert recall > 0.7  # measured 0.96
 # Most objects (96 %) get a confident box that overlaps them at IoU ≥ 0.5 (median best IoU 0.85), so
 # the slots really do read *this* image. But there are 5.1 confident predictions per image for 3.2
 # objects: many objects are claimed by two or more slots, and such duplicates count as false
-# positives in AP. That is one reason why AP50 is 0.855 and not close to this recall. Avoiding
+# positives in AP. That is one reason why the model's AP50 stays well below this recall. Avoiding
 # duplicates is the job of the decoder's self-attention.
 
 # %% [markdown]
@@ -334,17 +334,19 @@ print("last layer weights:", tuple(attn[names[-1]].shape), " [B, heads, Q, Q]")
 assert last.shape == (num_q, num_q)
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(6.2, 2.8), dpi=80)
-axes[0].imshow(last, cmap="viridis")
+fig, axes = viz.subplots(1, 2, width=7.0, row_height=2.9)
+axes = axes[0]
+im = axes[0].imshow(last, cmap="viridis")
+fig.colorbar(im, ax=axes[0], label="attention weight (heads averaged)")
 axes[0].set_xticks(range(num_q))
 axes[0].set_yticks(range(num_q))
 axes[0].tick_params(labelsize=5)
 for ticks in (axes[0].get_xticklabels(), axes[0].get_yticklabels()):
     for qi, tick in enumerate(ticks):
         tick.set_color("red" if keep[qi] else "gray")  # red = the slot detects an object
-axes[0].set_title("trained: last decoder self-attn", fontsize=8)
-axes[0].set_xlabel("key query", fontsize=8)
-axes[0].set_ylabel("query", fontsize=8)
+axes[0].set_title("trained: last decoder layer, query -> query")
+axes[0].set_xlabel("key query")
+axes[0].set_ylabel("query")
 H_img, W_img = image.shape[-2:]
 scale = torch.tensor([W_img, H_img, W_img, H_img])
 boxes = box_convert(out["pred_boxes"][0][keep] * scale, "cxcywh", "xyxy")
@@ -352,7 +354,6 @@ viz.show_image(image, ax=axes[1], title="queries with p(object) > 0.7")
 viz.draw_boxes(
     axes[1], boxes, labels=torch.nonzero(keep).flatten(), class_names=[f"q{i}" for i in range(num_q)]
 )
-fig.tight_layout()
 
 # %% [markdown]
 # How far from uniform is the matrix, and how well do the red slots' boxes fit the true objects?
@@ -447,11 +448,11 @@ assert silent_dup_w.mean() > 1.4 * silent_other_w.mean()  # measured 0.258 vs 0.
 # * **Decoder self-attention**: `q = k = tgt + query_pos`, `v = tgt` — the slots exchange information.
 #   In layer 1 it can only add the constant `out_proj(b_v)`, because `tgt = 0`.
 # * The decoder returns every layer's output through **one shared LayerNorm**: batch-first
-#   `[6, B, 100, 256]` in the package, `[num_layer(6), num_query(100), B, 256]` sequence-first in the seed;
+#   `[6, B, 100, 256]` in the package, `[num_layer(6), num_query(100), B, 256]` sequence-first in the
+#   process notes;
 #   `hs.transpose(1, 2)` converts.
 # * Trained queries **specialise** by image region and box size (query-slot plot), and their boxes
-#   follow the objects of each image: in the toy model (AP 0.586 at validation short side 160) a
-#   query's centre spreads about three quarters as much as the object centres, and 96 % of the
+#   follow the objects of each image: in the toy model a query's centre spreads about three quarters as much as the object centres, and 96 % of the
 #   objects get a confident box at IoU ≥ 0.5.
 # * It also makes 5.1 confident predictions per image for 3.2 objects. Duplicate slots attend to each
 #   other in the last decoder self-attention (about 1.9 times the weight of other pairs), but often

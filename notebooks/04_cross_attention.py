@@ -2,11 +2,13 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -14,7 +16,8 @@
 # %% [markdown]
 # # 04 · Cross-attention, the prediction heads, and where each query looks
 #
-# **Learning goal.** The second half of the seed's decoder stage:
+# **Learning goal.** The second half of the decoder stage of the process notes
+# ([notebook 01](01_backbone_and_flatten.ipynb)):
 #
 # > 2 Cross-attention between the object queries and encoder_out, so that the object queries find
 # > the different objects on the feature map: query = the self-attention output
@@ -26,7 +29,7 @@
 # We build cross-attention (`q = tgt + query_pos`, `k = memory + pos`, `v = memory`, padded keys masked)
 # and a whole decoder layer by hand and check them against `detr_lite.transformer`; then run the full
 # `detr_lite.detr.DETR` forward, rebuild its class and box heads by hand, and finally draw each
-# query's cross-attention over the image next to the box it predicts, untrained and trained.
+# query's cross-attention blended over the image with the box it predicts, untrained and trained.
 
 # %%
 # %matplotlib inline
@@ -50,7 +53,7 @@ from detr_lite.transformer import TransformerDecoderLayer, capture_attention
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)  # these notebooks only run forward passes
-plt.rcParams["figure.dpi"] = 80  # small figures keep the executed notebook small
+viz.use_style()  # the notebooks' figure dpi and font sizes
 
 # %% [markdown]
 # ## 1. The inputs of cross-attention
@@ -72,7 +75,7 @@ query_pos = torch.randn(Q, d).expand(B, Q, d)  # object queries, repeated per im
 key_padding_mask = feat_mask.flatten(1)  # [B, HW], True = padded cell
 
 # %% [markdown]
-# In the seed's (and the official code's) sequence-first notation these are:
+# In the process notes' (and the official code's) sequence-first notation these are:
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -247,8 +250,9 @@ assert torch.allclose(attn["mha"].mean(1), hooked[0], atol=1e-6)
 
 # %% [markdown]
 # For the toy DETR we take the last decoder layer's cross-attention, average the heads and reshape
-# each query's `HW` weights to the `h × w` feature grid. Each map is drawn above the image with the
-# box that query predicts. First an **untrained** model (random weights): its queries' maps are
+# each query's `HW` weights to the `h × w` feature grid. Each map is blended over the image (each
+# 16-pixel cell on its own pixels, bright = more weight, scale beside the panel) with the box that
+# query predicts. First an **untrained** model (random weights): its queries' maps are
 # arbitrary and its boxes meaningless.
 
 # %%
@@ -291,16 +295,15 @@ print("image", tuple(image.shape), "-> per-query maps", tuple(maps.shape))
 assert maps.shape == (4, math.ceil(image.shape[1] / 16), math.ceil(image.shape[2] / 16))
 
 # %%
-fig = viz.show_attention_maps(image, maps, boxes=boxes, titles=["untrained " + t for t in titles])
+fig = viz.show_attention_maps(
+    image, maps, boxes=boxes, titles=["untrained " + t for t in titles], stride=16,
+    suptitle="untrained DETR: last decoder layer's cross-attention of its 4 most confident queries",
+)  # fmt: skip
 
 # %% [markdown]
-# The **trained** toy DETR (`data/checkpoints/detr_shapes.pt`, 10 object queries). The `detr-shapes`
-# preset evaluates it at validation short side 160, the largest training scale of its last phase (the
-# recipe trains on smaller images, short side 96-128, for 70 epochs, then at about the images' own
-# size, 120-160, for the last 20: progressive resizing; official DETR, trained at 480-800, evaluates
-# at 800), the size of the validation images above and below. `python -m detr_lite.evaluate` gives
-# val AP 0.586 / AP50 0.855 / AP75 0.648: a real detector that finds large shapes well (APl 0.752)
-# and small ones less well (APs 0.387). It uses the official
+# The **trained** toy DETR (`data/checkpoints/detr_shapes.pt`, 10 object queries; [notebook
+# 06](06_training_detr.ipynb) trains and evaluates it): a real detector that finds large shapes well
+# and small ones less well. It uses the official
 # **pre-norm** variant (`pre_norm=True`, each sublayer is `x = x + sublayer(norm(x))`) instead of the
 # post-norm layer we wrote by hand in section 3; the cross-attention itself is the same (its query is
 # `norm2(tgt) + query_pos`), so its maps read the same way. We take its four most confident queries
@@ -316,7 +319,10 @@ chosen = None
 for idx in (3, 7):
     image, target = val[idx]
     maps, boxes, titles, chosen = query_attention(model, image, queries=chosen)
-    fig = viz.show_attention_maps(image, maps, boxes=boxes, titles=titles)
+    fig = viz.show_attention_maps(
+        image, maps, boxes=boxes, titles=titles, stride=16,
+        suptitle=f"trained DETR, validation image {idx}: cross-attention of query slots {chosen.tolist()}",
+    )  # fmt: skip
     on_box, uniform = viz.attention_mass_in_boxes(maps, boxes, model.backbone.strides[-1])
     print(f"image {idx}: shown", titles, "| its own top 4:", query_attention(model, image)[2])
     print(
@@ -327,7 +333,7 @@ for idx in (3, 7):
     )
 
 # %% [markdown]
-# The queries now split the image between them. On image 3 (top) q1 predicts the large cross
+# The queries now split the image between them. On image 3 (the first figure) q1 predicts the large cross
 # (1.00), q2 the magenta square (1.00) and q9 the circle (0.98), and the maps of the smaller objects
 # are brightest on their own object: q2 puts 0.65 of its attention inside its box where uniform
 # attention would put 0.24 (brightest just below the middle of the square), q9 0.37 where uniform
@@ -409,15 +415,9 @@ assert n_large > 0.8 * large.sum() and area[slot == top_slot].mean() > 3 * area[
 # off the output above) handles the very large shapes, 78 of those 80 boxes, confident on 94 of the
 # 150 images with a mean box area of 0.74 of the image, against 0.13 for the other slots, much as
 # the paper's Fig. 7 shows each DETR slot preferring certain box sizes and positions. What the toy
-# model still lacks shows in its AP table and in the figures: small shapes (APs 0.387 at short side
-# 160, against APm 0.684 and APl 0.752; a small shape covers only a cell or two of the 16-pixel
-# grid), duplicate queries, false positives, and small shapes that touch others. Its AP was still
-# climbing when training stopped (its training log, the run's own evaluations at short side 160:
-# 0.473 at epoch 70, 0.543 at 75 once the training images had grown, 0.554 at 80, 0.575 at 85 and
-# 0.586 at 90). The learning rate never drops; what the run evaluates, and the checkpoint holds, is
-# a moving average of the weights over roughly the last 500 optimiser steps, which smooths out the
-# step-to-step noise of the still-high learning rate. Dense cross-attention over all HW cells learns
-# slowly.
+# model still lacks shows in the figures: small shapes (a small shape covers only a cell or two of
+# the 16-pixel grid), duplicate queries, false positives, and small shapes that touch others. Dense
+# cross-attention over all HW cells learns slowly.
 # Deformable DETR's decoder (notebook 08) instead reads a few points around a predicted reference
 # point, which trains much faster.
 
@@ -425,7 +425,7 @@ assert n_large > 0.8 * large.sum() and area[slot == top_slot].mean() > 3 * area[
 # ## Summary
 #
 # * **Cross-attention**: `q = tgt + query_pos` (slots), `k = memory + pos` and `v = memory` (image
-#   tokens), with the `[B, HW]` key padding mask; in the seed's sequence-first notation the keys are
+#   tokens), with the `[B, HW]` key padding mask; in the process notes' sequence-first notation the keys are
 #   `[HW, B, 256]`. Padded cells receive weight exactly 0.
 # * A **decoder layer** = self-attention → norm1 → cross-attention → norm2 → FFN → norm3; our version
 #   from primitives equals `TransformerDecoderLayer` (post-norm; the shipped toy model uses the
@@ -435,7 +435,7 @@ assert n_large > 0.8 * large.sum() and area[slot == top_slot].mean() > 3 * area[
 #   `pred_boxes` `[B, 100, 4]` and 5 `aux_outputs`.
 # * **Attention maps**: the colab hooks `nn.MultiheadAttention`; `capture_attention` records the
 #   weights of every layer without hooks. A converged DETR's queries attend to their own object's
-#   extremities. Our trained toy DETR (AP 0.586 at short side 160) puts each confident query's
+#   extremities. Our trained toy DETR puts each confident query's
 #   attention on its own object, well above the uniform share for small and medium boxes, lets one
 #   slot handle the very large shapes, and still produces some duplicates and false positives.
 #

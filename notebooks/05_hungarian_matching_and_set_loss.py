@@ -2,11 +2,13 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -17,8 +19,8 @@
 # **Learning goal.** DETR does not predict "one box per anchor"; it predicts an unordered *set* of
 # `Q` boxes (here `Q = 10`) and most of them should say "no object". To compute a loss against the
 # `n` ground-truth boxes of an image it first decides **which prediction is responsible for which
-# ground-truth box**: a one-to-one *bipartite matching* that minimises a total cost. The seed puts it
-# in one line:
+# ground-truth box**: a one-to-one *bipartite matching* that minimises a total cost. The process
+# notes ([notebook 01](01_backbone_and_flatten.ipynb)) put it in one line:
 #
 # > One pass predicts N objects, then the Hungarian algorithm finds the best match with the ground
 # > truth; the cost contains the bounding-box and the class terms (box: IoU + L1; class: negative
@@ -40,7 +42,6 @@
 
 # %%
 import itertools
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -57,7 +58,7 @@ from detr_lite.data.coco import build_dataset, collate_fn
 from detr_lite.matcher import HungarianMatcher
 from detr_lite.models import build_criterion
 
-T_START = time.perf_counter()
+viz.use_style()  # the notebooks' figure dpi and font sizes
 torch.manual_seed(0)
 torch.set_grad_enabled(False)  # we only look at losses here; notebook 06 trains
 
@@ -71,20 +72,16 @@ CKPT = ROOT / "data" / "checkpoints" / "detr_shapes.pt"
 #
 # The shipped checkpoint is a small DETR (ResNet-18 cut after `layer3`, pretrained, with `layer2` and
 # `layer3` fine-tuned during DETR training; 3 + 3 pre-norm transformer layers, `d = 128`, 10 queries)
-# trained on the bundled shapes. Its config
-# travels inside the checkpoint, so `load_checkpoint` rebuilds exactly that model. The validation
-# split gives images resized to a small short side (`cfg.data.val_size`, 160 pixels: the largest
-# training scale of the recipe's last phase — it trains on smaller images, short side 96-128, for 70
-# epochs, then at about the images' own size, 120-160, for the last 20, a progressive resizing — just
-# as official DETR trains at 480-800 and evaluates at 800) with
-# targets in the package convention: **normalised `cxcywh` boxes** and raw COCO category ids (1..5
+# trained on the bundled shapes ([notebook 06](06_training_detr.ipynb)). Its config travels inside
+# the checkpoint, so `load_checkpoint` rebuilds exactly that model. The validation split gives images
+# resized to a small short side (`cfg.data.val_size`, 160 pixels) with targets in the package convention: **normalised `cxcywh` boxes** and raw COCO category ids (1..5
 # here; id 0 is unused and the last logit, index 6, means "no object").
 
 # %%
 model, cfg, ckpt = load_checkpoint(CKPT)
 val = build_dataset(DATA, "val2017", cfg.data, train=False)
 names = {c["id"]: c["name"] for c in val.coco.loadCats(val.coco.getCatIds())}
-print("checkpoint:", (CKPT.parent / "detr_shapes.md").read_text().splitlines()[0].lstrip("# "))
+print("checkpoint:", CKPT.name, "| preset:", cfg.name)
 print("classes:", names)
 print("num_classes (max id + 1):", cfg.model.num_classes, "| queries:", cfg.model.num_queries)
 print("val short side:", cfg.data.val_size)
@@ -129,10 +126,8 @@ plt.show()
 # query. A well-trained DETR puts most queries' mass on "no object" and a few confident ones on the
 # objects.
 #
-# Our toy checkpoint is a real but imperfect detector. Evaluated at that short side 160,
-# `python -m detr_lite.evaluate` (and its card `detr_shapes.md`) gives val AP 0.586 (AP50 0.855,
-# AP75 0.648) after 90 CPU epochs on top of a pretrained backbone whose `layer2` and `layer3` it
-# fine-tunes: large shapes are found well (APl 0.752), small ones less well (APs 0.387). On this image
+# Our toy checkpoint is a real but imperfect detector: large shapes are found well, small ones less
+# well ([notebook 06](06_training_detr.ipynb) has its AP table). On this image
 # (below) 8 of the 10 queries have p(object) > 0.5 for 4 objects. The four most sure of an object sit
 # one on each, with the right class (q1, q2, q9 and q8). The fifth, q5 (square, 0.86), is a false
 # positive: its box frames the cross's left arm and the top of the circle. Three more confident
@@ -278,7 +273,9 @@ assert len(set(row.tolist())) == n and sorted(col.tolist()) == list(range(n))  #
 assert (np.diff(row) > 0).all()  # rows come back sorted
 
 # %%
-fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3), dpi=80, gridspec_kw={"width_ratios": [2, 1.2]})
+fig, (ax0, ax1) = plt.subplots(
+    1, 2, figsize=(viz.FIG_WIDTH, 3), dpi=viz.DPI, gridspec_kw={"width_ratios": [2, 1.2]}, layout="constrained"
+)
 viz.show_cost_matrix(
     C,
     pred_idx,
@@ -296,7 +293,6 @@ viz.show_matching(
     ax=ax1,
     title="solid = gt, dashed = matched query",
 )
-fig.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -420,8 +416,9 @@ print("matches per image:", [len(p) for p, _ in batch_indices])
 assert C_all.shape == (B, Q, sum(sizes)) and [len(p) for p, _ in batch_indices] == sizes
 
 # %%
-fig, ax = plt.subplots(figsize=(8, 2.2), dpi=80)
-ax.imshow(C_all.flatten(0, 1).T.numpy(), cmap="viridis", aspect="auto", interpolation="nearest")
+fig, ax = plt.subplots(figsize=(viz.FIG_WIDTH, 2.2), dpi=viz.DPI, layout="constrained")
+im = ax.imshow(C_all.flatten(0, 1).T.numpy(), cmap="viridis", aspect="auto", interpolation="nearest")
+fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="cost")
 start = 0
 for i, s in enumerate(sizes):  # outline the blocks that are actually used
     if s:
@@ -689,7 +686,3 @@ assert torch.allclose(empty_loss["loss_ce"], by_hand_ce, atol=1e-6)
 #    uses 300 queries). How does it scale?
 # 6. Compute the focal loss of one negative query with p = 0.01 and one with p = 0.6 by hand. How much
 #    larger is the second, and how does γ control that ratio?
-
-# %%
-elapsed = time.perf_counter() - T_START
-print(f"notebook ran in {elapsed:.1f} s")

@@ -2,11 +2,13 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -31,12 +33,11 @@
 # 4. look at encoder self-attention and decoder cross-attention of a trained model, and explore
 #    them interactively.
 #
-# The whole notebook runs on a 2-core CPU in under two minutes (timed at the end; the live run alone
-# takes 35 seconds).
+# This is also where the toy recipe is taught: what `make train` does, and which of its choices
+# matter (section 5; the [model card](../data/checkpoints/detr_shapes.md) has the measured effect of
+# each).
 
 # %%
-import json
-import random
 import time
 from pathlib import Path
 
@@ -56,8 +57,8 @@ from detr_lite.pretrain import DenseHead, dense_targets, load_backbone_weights, 
 from detr_lite.transformer import capture_attention
 from detr_lite.utils import AP_KEYS, format_ap_table, read_jsonl, seed_everything
 
-T_START = time.perf_counter()
 seed_everything(0)
+viz.use_style()  # the notebooks' figure dpi and font sizes
 
 # The notebook runs from notebooks/ (jupytext, nbval, JupyterLab) or from the repository root.
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
@@ -76,10 +77,10 @@ device = torch.device("cpu")
 # The `detr-shapes` preset scales the official recipe down to small images (printed below): the
 # short side is drawn from a handful of sizes around 100 pixels (COCO: 480..800 in steps of 32), and
 # for the last 20 of its 90 epochs every training size is multiplied by 1.25 (`data.late_scale`:
-# short side 120..160, about the bundled images' own size). This is progressive resizing: cheap small
-# images for most of the run, the evaluation size at its end. Validation resizes to a single short
-# side, the largest training size (COCO: 800; here 160). Small images are what make CPU training
-# possible at all.
+# short side 120..160, about the bundled images' own size). This is **progressive resizing**: cheap
+# small images for most of the run, the evaluation size at its end. Validation resizes to a single
+# short side, the largest training size (COCO: 800; here 160). Small images are what make CPU
+# training possible at all.
 
 # %%
 cfg = get_config("detr-shapes")
@@ -122,8 +123,8 @@ def pixels_xyxy(target: dict) -> torch.Tensor:
 seed_everything(1)
 # a training image with three objects (ids come from the bundled annotations, so this is fixed)
 aug_index = next(k for k, i in enumerate(train_ds.ids) if len(train_ds.coco.getAnnIds(imgIds=i)) == 3)
-fig, axes = plt.subplots(1, 5, figsize=(11, 2.4), dpi=80)
-for ax in axes:
+fig, axes = viz.subplots(1, 5)
+for ax in axes[0]:
     img, tgt = train_ds[aug_index]
     viz.show_boxes(
         img,
@@ -133,7 +134,7 @@ for ax in axes:
         ax=ax,
         title=f"{tuple(img.shape[-2:])}, {len(tgt['boxes'])} boxes",
     )
-fig.tight_layout()
+fig.suptitle("one training image, five random draws of the augmentation (boxes follow the pixels)")
 plt.show()
 
 # %% [markdown]
@@ -146,7 +147,7 @@ plt.show()
 # %%
 seed_everything(2)
 images, mask, targets = collate_fn([train_ds[i] for i in range(4)])
-fig, axes = plt.subplots(2, 4, figsize=(9, 4), dpi=80)
+fig, axes = viz.subplots(2, 4)
 for b in range(4):
     h, w = targets[b]["size"].tolist()
     viz.show_boxes(
@@ -158,7 +159,7 @@ for b in range(4):
         title=f"image {b}: {h}x{w}",
     )
     viz.show_mask(mask[b], ax=axes[1, b])
-fig.tight_layout()
+fig.suptitle("a batch of four padded images (top) and their padding masks (bottom, white = pad)")
 plt.show()
 
 # %%
@@ -178,11 +179,10 @@ print("mask is True exactly outside each image's (h, w); boxes are normalised cx
 # Official DETR never trains its ResNet from random weights: it starts from ImageNet weights and
 # freezes their BatchNorm statistics. Those weights can't be downloaded here, and a DETR whose
 # backbone *and* transformer both start random stays for a long time on a plateau where it predicts
-# the same boxes for every image (the earlier toy recipe did exactly that for an hour:
-# `data/checkpoints/detr_shapes_scratch.md` keeps the record). So the `detr-shapes` recipe first
-# **pretrains the backbone** on the training split — the toy stand-in for ImageNet — with a dense
-# pretext that needs no transformer and no matching (`python -m detr_lite.pretrain`, 20 epochs,
-# 8 to 24 minutes depending on the CPU):
+# the same boxes for every image ([the from-scratch record](../data/checkpoints/detr_shapes_scratch.md)).
+# So the `detr-shapes` recipe first **pretrains the backbone** on the training split — the toy
+# stand-in for ImageNet — with a dense pretext that needs no transformer and no matching
+# (`python -m detr_lite.pretrain`, 20 epochs):
 #
 # * a class heatmap per feature cell, 1 at each object's centre and a Gaussian bump around it
 #   (CenterNet's target and focal loss);
@@ -198,16 +198,18 @@ print("mask is True exactly outside each image's (h, w); boxes are normalised cx
 stride = 16  # ResNet-18 stopped after layer3
 grid = (-(-images.shape[-2] // stride), -(-images.shape[-1] // stride))  # ceil: the backbone's grid
 heat, ltrb, inside = dense_targets(targets, grid, images.shape[-2:], cfg.model.num_classes)
-fig, axes = plt.subplots(2, 4, figsize=(9, 3.6), dpi=80)
+fig, axes = viz.subplots(2, 4, row_height=1.8)
 for b in range(4):
-    axes[0, b].imshow(heat[b].amax(0), cmap="magma", vmin=0, vmax=1)
-    axes[0, b].set_title(f"heat (max over classes) {b}", fontsize=8)
-    axes[1, b].imshow(ltrb[b, 0] * inside[b], cmap="viridis")
-    axes[1, b].set_title("ltrb: distance to left side", fontsize=8)
+    heat_im = axes[0, b].imshow(heat[b].amax(0), cmap="magma", vmin=0, vmax=1)
+    axes[0, b].set_title(f"image {b}: centre heatmap")
+    ltrb_im = axes[1, b].imshow(ltrb[b, 0] * inside[b], cmap="viridis", vmin=0, vmax=float(ltrb[:, 0].max()))
+    axes[1, b].set_title(f"image {b}: distance to left side")
 for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
-fig.tight_layout()
+fig.colorbar(heat_im, ax=list(axes[0]), fraction=0.02, pad=0.01, label="target")
+fig.colorbar(ltrb_im, ax=list(axes[1]), fraction=0.02, pad=0.01, label="normalised distance")
+fig.suptitle("pretext targets on the stride-16 grid: max over classes (top), left-side distance inside boxes (bottom)")
 plt.show()
 
 # %%
@@ -274,7 +276,7 @@ assert torch.isfinite(loss)
 # ## 4. A short live run
 #
 # Now the package's `train_one_epoch` (the same step plus logging, AMP on GPUs, and a clear stop on a
-# non-finite loss), over a 32-image subset of the training split, for about 35 seconds. Its `log`
+# non-finite loss), over a 32-image subset of the training split, for a few hundred steps. Its `log`
 # callback gets one record per iteration; the transformer and the heads train at lr 2e-4, the
 # backbone's layer2-3 at 1e-4 (the optimizer groups above). From random transformer weights DETR first learns the cheap statistics of the data: boxes
 # drift towards typical positions and sizes (the L1 term, weighted 5, falls first) and queries lean
@@ -283,8 +285,7 @@ assert torch.isfinite(loss)
 # DETR (notebook 08) attacks.
 
 # %%
-# stop after ~35 s, but never before 128 iterations (16 epochs): on a busy or slow CPU the budget alone may
-# allow too few steps for the loss to fall reliably (a CI run sharing its 2 cores with a training job failed here)
+# stop after ~35 s, but never before 128 iterations (16 epochs), so that the loss falls on a slow CPU too
 BUDGET_S, MIN_ITERS = 35.0, 128  # 128 iterations alone: mean loss 24.86 -> 13.19
 subset = Subset(train_ds, range(32))
 loader = DataLoader(
@@ -305,8 +306,7 @@ while time.perf_counter() - t0 < BUDGET_S or len(records) < MIN_ITERS:
         progress=False,
     )
     epoch += 1
-live_s = time.perf_counter() - t0
-print(f"{len(records)} iterations ({epoch} epochs of {len(loader)}) in {live_s:.0f} s")
+print(f"{len(records)} iterations ({epoch} epochs of {len(loader)} batches)")
 
 
 # %%
@@ -314,7 +314,7 @@ def smooth(xs, k=5):
     return [sum(xs[max(0, i - k + 1) : i + 1]) / len(xs[max(0, i - k + 1) : i + 1]) for i in range(len(xs))]
 
 
-fig, (ax_total, ax_terms) = plt.subplots(1, 2, figsize=(9, 2.6), dpi=80)
+fig, ((ax_total, ax_terms),) = viz.subplots(1, 2, row_height=2.6)
 viz.plot_loss_curves(
     {"loss (all layers)": smooth([r["loss"] for r in records], k=4)},
     ax=ax_total,
@@ -322,7 +322,6 @@ viz.plot_loss_curves(
 )
 terms = {k: smooth([r[k] for r in records], k=4) for k in ("loss_ce", "loss_bbox", "loss_giou")}
 viz.plot_loss_curves(terms, ax=ax_terms, title="weighted terms of the final layer")
-fig.tight_layout()
 plt.show()
 first, last = sum(r["loss"] for r in records[:4]) / 4, sum(r["loss"] for r in records[-4:]) / 4
 print(f"mean loss, first 4 iterations {first:.2f} -> last 4 iterations {last:.2f}")
@@ -335,38 +334,26 @@ assert last < first, "the loss should fall during the live run"
 print("loss fell during the live run:", last < first)
 
 # %% [markdown]
-# ## 5. The shipped checkpoint: recipe and training curve
+# ## 5. The recipe of the shipped checkpoint, and its training curve
 #
-# Thirty-odd seconds is not enough to detect anything. The repository ships a toy DETR trained by
-# `make train` on this data: about 10 minutes of backbone pretraining (section 2), then 90 epochs of
-# DETR with 10 object queries, fine-tuning the backbone's layer2-3, at a constant learning rate and
-# keeping a moving average of the weights (about 25k optimiser steps; the run's own times are printed
-# below), about an hour on a 2-core CPU in all (59.8 minutes for this file, 61 on a slower day; the card
-# has the timings). Its recipe, what was tried, and its metrics sit beside it in
-# `data/checkpoints/detr_shapes.md`, its per-epoch metrics in `detr_shapes_log.jsonl`.
+# A few hundred steps detect nothing yet. The repository ships a toy DETR trained on this data by
+# `make train`, which runs the `detr-shapes` preset in two stages; its card,
+# [`data/checkpoints/detr_shapes.md`](../data/checkpoints/detr_shapes.md), has the exact commands,
+# the training time and, for each choice below, its measured effect.
 #
-# Read the verdict before the numbers: it is a real detector but not a finished one — AP 0.586, AP50
-# 0.855 on the validation images resized to short side 160. That meets both of the project's goals,
-# AP 0.50 and AP50 0.85, the second only just (the 150 validation images measure AP to about ±0.01).
-# It is good on medium and large shapes (APm 0.684, APl 0.752) and weaker on small ones (APs 0.387),
-# and AP was still rising at the end (+0.011 over the last five epochs). Why 160: the official rule
-# is to evaluate at the largest training scale (DETR trains at 480..800 and evaluates at 800). This
-# recipe trains at 96..128 for 70 epochs and at 120..160 for the last 20 (progressive resizing:
-# small, cheap images for most of the run, about the images' own size at its end), so it evaluates
-# at 160. An earlier shipped model, trained at 96..128 throughout and evaluated at 128, reached
-# AP 0.549 / AP50 0.805; the card's table shows what other evaluation sizes give.
+# | stage | what the recipe does | why |
+# |---|---|---|
+# | pretext | ResNet-18 cut after `layer3` (stride 16), 20 epochs of the dense pretext of section 2 | the toy stand-in for ImageNet weights; from scratch DETR stays on its plateau |
+# | model | pre-norm transformer, d = 128, 8 heads, 3 + 3 layers, FFN 512, no dropout; sine temperature 20 | the official architecture scaled down; T = 20 keeps the position code informative on small grids (notebook 02) |
+# | queries | 10 object queries (COCO: 100) | the images hold at most 6 objects; fewer slots are each matched, and so trained, more often |
+# | backbone | `layer2`, `layer3` fine-tuned at lr 1e-4, half the transformer's 2e-4; stem, `layer1`, BatchNorm frozen | the pretext features need reshaping; the official lr / 10 protects ImageNet features, which these are not |
+# | images | epochs 1–70 at short side 96–128, epochs 71–90 at ×1.25 (120–160); evaluation at 160 | progressive resizing: cheap small images for most of the run, the evaluation size at its end |
+# | schedule | 90 epochs at a constant lr, AdamW, weight decay 1e-4, clip 0.1, batch 4 | the official optimiser; no lr drop, because of the next row |
+# | weights | a moving average of the weights (`train.ema_decay 0.998`) is evaluated and saved | it averages out the jitter of the constant-lr steps (below) |
 #
-# Two choices made most of the difference, both measured in the card: 10 object queries instead of
-# 20 (each query is matched to an object more often), and letting DETR fine-tune the pretrained
-# backbone at half its own learning rate. With the backbone frozen, an earlier frozen-backbone model
-# reached AP 0.459; on an earlier shipped model's pretext backbone, fine-tuning at the official
-# lr / 10 reached only 0.378, and frozen training on that backbone's twin (the same seeded pretext
-# run on another kind of CPU) 0.360. The original DETR needs 500 epochs on COCO with a pretrained
-# backbone; an hour on two CPU cores is a tiny budget. Without the pretrained backbone DETR stays
-# on its from-scratch plateau (AP 0.011 after an hour, `detr_shapes_scratch.md`).
-
-# %%
-display(Markdown((CKPT_DIR / "detr_shapes.md").read_text()))
+# Everything else is the official DETR recipe: matcher and loss weights 1 / 5 / 2, no-object weight
+# 0.1, auxiliary losses, horizontal flip and the multi-scale / crop augmentation of section 1.
+# `detr_shapes_log.jsonl` beside the checkpoint holds the run's per-epoch records.
 
 # %%
 log_path = CKPT_DIR / "detr_shapes_log.jsonl"
@@ -378,9 +365,9 @@ if history:
     print("keys:", sorted(history[-1]))
     print("val AP by epoch:", {r["epoch"] + 1: round(r["AP"], 3) for r in evals})
     print("val loss by epoch:", {r["epoch"] + 1: round(r["val_loss"], 2) for r in evals if "val_loss" in r})
-    # with train.ema_decay the run evaluates the moving average of the weights (section 5's last cells)
+    # with train.ema_decay the run evaluates the moving average of the weights (the next cells)
     averaged = "val_weights" in evals[-1]
-    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(9, 2.8), dpi=80)
+    fig, ((ax_loss, ax_ap),) = viz.subplots(1, 2, row_height=2.8)
     ep = [r["epoch"] + 1 for r in history]
     ax_loss.plot(ep, [r["train_loss"] for r in history], "o-", markersize=3, label="train (live weights)")
     val_pts = [(r["epoch"] + 1, r["val_loss"]) for r in evals if "val_loss" in r]
@@ -396,42 +383,32 @@ if history:
         + f" (short side {cfg.data.val_size})",  # = the shipped config's
         ylim=(0, max(0.1, 1.4 * max(r["AP50"] for r in evals))),  # room for the legend
     )
+    for ax in (ax_loss, ax_ap):  # where the training images grow (progressive resizing)
+        ax.axvline(cfg.data.late_scale_after + 0.5, color="gray", lw=0.8, ls="--")
     ax_loss.legend(fontsize=7)
     ax_ap.legend(fontsize=7, loc="upper left", ncol=2)
-    fig.tight_layout()
+    fig.suptitle(f"the shipped run, per epoch (dashed: training images x{cfg.data.late_scale} from here)")
     plt.show()
 else:
-    print(f"no {log_path.name} beside this checkpoint (a preliminary checkpoint ships without one)")
+    print(f"no {log_path.name} beside this checkpoint")
 
 # %%
 trained, ckpt_cfg, ckpt = load_checkpoint(CKPT_DIR / "detr_shapes.pt")
-print(json.dumps(ckpt["meta"], indent=1)[:600])
 meta = ckpt["meta"]
+print("pretext:", meta["backbone_weights"]["command"])
+print("DETR   :", meta["command"])
 steps_per_epoch = len(train_ds) // ckpt_cfg.train.batch_size  # the trainer drops the last partial batch
-pretrain_min, train_min = (
-    meta["backbone_weights"]["pretrain_wall_time_s"] / 60,
-    meta["train_wall_time_s"] / 60,
-)
 epochs = ckpt_cfg.train.epochs
-print(
-    f"{ckpt_cfg.model.num_queries} object queries | pretraining {pretrain_min:.1f} min + DETR {train_min:.1f} min"
-)
-print(f"{epochs} epochs x {steps_per_epoch} steps = {epochs * steps_per_epoch} optimiser steps")
+print(f"{ckpt_cfg.model.num_queries} object queries | {epochs} epochs x {steps_per_epoch} steps = {epochs * steps_per_epoch} optimiser steps")
 
 # %% [markdown]
 # The curve shows DETR's slow but steady convergence, with one step. The training loss, of the live
-# weights, falls for 70 epochs (4.68 at epoch 70), steps down once the training images grow to the
-# evaluation size after epoch 70 (4.17 at epoch 75, where an earlier run that stayed on the small
-# images had 4.48), and then falls slowly and noisily, between 3.73 and 3.97 over the last ten epochs
-# (3.93 at epoch 90): at a constant learning rate the live weights never settle. The validation
-# curves measure the moving average of the weights (below), and they are smooth: the validation loss
-# falls at every evaluation but one (4.10 at epoch 70, 3.23 at epoch 90), and validation AP, measured
-# at short side 160 throughout (for the first 70 epochs on larger images than the model trains on),
-# rises at every evaluation — fast at first (0.065 at epoch 5, 0.275 at epoch 20), then slowly (0.400
-# at 40, 0.470 at 60), hardly at all over epochs 60-70 (0.473), in one step once the training images
-# grow (0.543 at epoch 75), and on to the end (0.554 at 80, 0.575 at 85, 0.586 at 90; AP50 0.816,
-# 0.829, 0.855). The previous model's curve, of its live weights, dipped four times on the same 150
-# images. Whether a longer schedule would keep the curve rising is exercise 6.
+# weights, falls for 70 epochs, steps down once the training images grow to the evaluation size
+# after epoch 70, and then falls slowly and noisily: at a constant learning rate the live weights
+# never settle. The validation curves measure the moving average of the weights (below), and they
+# are smooth: validation AP, measured at short side 160 throughout, rises fast at first, then slowly,
+# hardly at all over epochs 60–70, in one step once the training images grow, and on to the end.
+# Whether a longer schedule would keep it rising is exercise 6.
 #
 # ### The moving average of the weights
 #
@@ -443,22 +420,19 @@ print(f"{epochs} epochs x {steps_per_epoch} steps = {epochs * steps_per_epoch} o
 # weights of k steps ago count with 0.002 · 0.998^k, so the average spans about 1 / (1 - 0.998) = 500
 # steps, nearly two epochs: the jitter of those steps largely cancels, and what is left lies near the
 # centre of the region. The run evaluates the average, the checkpoint's `model` holds it, and every
-# loader and `python -m detr_lite.evaluate` use it. Epochs 1-70 trained exactly as the previous shipped
-# model, whose live weights scored AP 0.393 / AP50 0.755 at epoch 70; their average scored 0.473 /
-# 0.792. The average also replaced that model's learning-rate drop (10x after epoch 78, the usual way
-# to let DETR's weights settle). AP / AP50 at epoch 90, all four with the same first 69 epochs (the
-# card's probes; this model's own run ended on the same numbers as its probe):
+# loader and `python -m detr_lite.evaluate` use it. The usual way to let DETR's weights settle is to
+# drop the learning rate 10× late in the run; on this recipe the average did better. AP / AP50 at
+# epoch 90 of four runs that share their first 69 epochs (from the card):
 #
-# | epochs 70-90 | live weights | moving average |
+# | epochs 70–90 | live weights | moving average |
 # |---|---|---|
-# | lr drop after epoch 78 | 0.574 / 0.839 (the previous model) | 0.580 / 0.834 |
-# | constant lr | 0.494 / 0.805 | **0.586 / 0.855** (this model) |
+# | lr ×0.1 after epoch 78 | 0.574 / 0.839 | 0.580 / 0.834 |
+# | constant lr (the recipe) | 0.494 / 0.805 | **0.586 / 0.855** |
 #
-# The average of the noisy high-learning-rate weights generalises better than the end point of the
-# lowered learning rate. Below, `detr_lite.engine.ModelEma` (what the trainer uses) averages a layer
-# with a single weight, at decay 0.8 (a window of about 5 steps, short enough to watch in 20). The
-# live weight jumps to about 1.0 and then jitters around it, as weights do at a high learning rate;
-# the average trails the jump by a few steps and then moves far less per step.
+# Below, `detr_lite.engine.ModelEma` (what the trainer uses) averages a layer with a single weight,
+# at decay 0.8 (a window of about 5 steps, short enough to watch in 20). The live weight jumps to
+# about 1.0 and then jitters around it, as weights do at a high learning rate; the average trails
+# the jump by a few steps and then moves far less per step.
 
 # %%
 # ModelEma on a one-weight layer: decay 0.8 averages ~1 / (1 - 0.8) = 5 steps (the recipe: 0.998, ~500)
@@ -497,7 +471,9 @@ assert change(averaged) < change(live) / 3  # ...and jitters far less
 # config resizes the validation images to short side 160, as the training run did at each of its
 # evaluations, and the checkpoint's `model` holds the weights those evaluations used, the moving
 # average; so the live table is checked against the log's last record (epoch 90). The two differ
-# only by the float16 storage of the shipped weights (APs by 0.0002).
+# only by the float16 storage of the shipped weights. Read the table as the verdict: a real detector,
+# good on medium and large shapes, weaker on small ones, which cover only a cell or two of the
+# stride-16 grid. The card adds the same model's table on a freshly generated validation split.
 
 # %%
 # the checkpoint's own data settings (val short side 160, the largest training scale) and batch size
@@ -505,9 +481,7 @@ print("val short side:", ckpt_cfg.data.val_size, "| max side:", ckpt_cfg.data.va
 val_ds = build_dataset(DATA, "val2017", ckpt_cfg.data, train=False)
 val_loader = DataLoader(val_ds, batch_size=ckpt_cfg.train.batch_size, shuffle=False, collate_fn=collate_fn)
 postprocessor = build_postprocessor(ckpt_cfg.model)
-t0 = time.perf_counter()
 metrics = evaluate(trained, postprocessor, val_loader, val_ds.coco, device)
-print(f"evaluated {metrics['num_images']} images in {time.perf_counter() - t0:.0f} s")
 display(Markdown(format_ap_table(metrics, title="detr-shapes checkpoint, bundled val split (computed now)")))
 logged = (evals or [None])[-1]  # the training run's last evaluation: float32 averaged weights, same val size
 if logged:
@@ -537,7 +511,7 @@ images, mask, targets = collate_fn([val_ds[i] for i in show_ids])
 with torch.no_grad():
     out = trained(images, mask)
 results = postprocessor(out, torch.stack([t["size"] for t in targets]))
-fig, axes = plt.subplots(2, len(show_ids), figsize=(10, 4.6), dpi=80)
+fig, axes = viz.subplots(2, len(show_ids), row_height=2.3)
 kept = []  # the drawn queries of each image
 for b, res in enumerate(results):
     keep = torch.nonzero(res["scores"] > 0.5).flatten()
@@ -563,7 +537,7 @@ for b, res in enumerate(results):
         ax=axes[1, b],
         title=f"{len(keep)} queries with score > 0.5",
     )
-fig.tight_layout()
+fig.suptitle("four validation images: ground truth (top) and the shipped model's detections (bottom)")
 plt.show()
 
 # %%
@@ -577,8 +551,8 @@ for b, (res, keep) in enumerate(zip(results, kept)):
 
 # %%
 # Does the output depend on the image? Spread of each query's box across the 4 images, compared with
-# the spread between the queries of one image (a trained detector: both large; the from-scratch
-# record measured 0.002 across images, i.e. the same boxes for every image).
+# the spread between the queries of one image (a trained detector: both large; a DETR on its
+# from-scratch plateau gives about 0.002 across images, i.e. the same boxes for every image).
 boxes_b = out["pred_boxes"]  # [B, Q, 4]
 across_images = boxes_b.std(dim=0).mean().item()
 across_queries = boxes_b.std(dim=1).mean().item()
@@ -614,8 +588,8 @@ assert across_images > 0.05, "the boxes should follow the image"
 #   where on the feature grid does it read from? The paper's COCO model looks at the object's
 #   extremities, where the box edges are decided.
 #
-# Our toy model trained for about an hour on a CPU; compare its maps with those descriptions and judge
-# how far it got.
+# Compare the toy model's maps with those descriptions and judge how far it got. Each map is blended
+# over the image, each 16-pixel cell on its own pixels, with its colour scale beside it.
 
 # %%
 b = 0
@@ -639,7 +613,7 @@ assert attn[dec_key].shape == (1, ckpt_cfg.model.nheads, ckpt_cfg.model.num_quer
 assert torch.allclose(attn[dec_key].sum(-1), torch.ones(()), atol=1e-5)  # softmax over keys
 
 # %%
-# encoder, last layer, heads averaged: the map each object-centre token attends with (top), the token (bottom)
+# encoder, last layer, heads averaged: what the token at each object's centre (dot) attends to
 enc = attn[enc_key][0].mean(0).reshape(fh, fw, fh, fw)  # [h, w, h, w]
 centres = (targets[b]["boxes"][:, :2] * torch.tensor([w_img, h_img])).tolist()
 maps = torch.stack([enc[min(int(y) // stride, fh - 1), min(int(x) // stride, fw - 1)] for x, y in centres])
@@ -648,11 +622,13 @@ fig = viz.show_attention_maps(
     maps,
     points=[tuple(c) for c in centres],
     titles=[f"token at gt {j}" for j in range(len(centres))],
+    stride=stride,
+    suptitle="encoder self-attention (last layer) of the token at each object's centre",
 )
 plt.show()
 
 # %%
-# decoder, last layer, heads averaged: where each confident query reads (top), its predicted box (bottom)
+# decoder, last layer, heads averaged: where each confident query reads, with its predicted box
 res_b = postprocessor(out_b, torch.tensor([[h_img, w_img]]))[0]
 n_show = int((res_b["scores"] > 0.5).sum().clamp(1, 5))  # the confident queries (at least the best one)
 conf = res_b["scores"].argsort(descending=True)[:n_show].sort().values
@@ -662,6 +638,8 @@ fig = viz.show_attention_maps(
     dec[conf],
     boxes=res_b["boxes"][conf],
     titles=[f"query {q} ({names[int(res_b['labels'][q])]})" for q in conf.tolist()],
+    stride=stride,
+    suptitle="decoder cross-attention (last layer) of each confident query, with its predicted box",
 )
 plt.show()
 
@@ -697,8 +675,8 @@ assert all(on > share for on, share in dec_on_box.values()), "confident queries 
 # its box). The two square queries 3 and 7 put 0.21 and 0.30 on cells that are 0.05 of the grid, both
 # brightest on the square's own cell; they are the duplicate pair of section 7. (This image now runs
 # alone, without the batch padding of section 7, and the same four detections are confident: the two
-# triangles and the square twice. Padding changes the backbone's features near the border; the
-# card's cached-views section measures the effect on AP.) At 16 pixels a cell, whether a query
+# triangles and the square twice: padding changes the backbone's features near the border, not what
+# the model finds here.) At 16 pixels a cell, whether a query
 # prefers an object's extremities, as in the paper, cannot be told apart here. The encoder is further
 # from the paper's picture: the token in the lower triangle (gt 0) puts 0.39 on its object's cells
 # (0.13 of the grid) and the one in the upper triangle 0.34 (0.10), but both maps are brightest on
@@ -710,16 +688,14 @@ assert all(on > share for on, share in dec_on_box.values()), "confident queries 
 # ### Interactive explorer
 #
 # In JupyterLab, move the sliders to pick any pixel and see the encoder attention of the feature
-# cell under it (`viz.attention_explorer`; in a static render the widget shows its first state). Its
-# `.draw(x, y)` method gives the same picture for a fixed point.
+# cell under it (`viz.attention_explorer`). Where no kernel runs (a rendered page, or this notebook
+# just opened, before the cell is re-run) the widget cannot work, so its output also holds a static
+# picture: the attention of the cells under a 2 × 3 grid of query points. `.draw(x, y)` draws one
+# point, `.draw_grid(points)` any set of points.
 
 # %%
 explorer = viz.attention_explorer(trained, image_b, mask_b)
 display(explorer)
-
-# %%
-fig = explorer.draw(*centres[0])
-plt.show()
 
 # %% [markdown]
 # ## Summary
@@ -727,26 +703,18 @@ plt.show()
 # * DETR trains on box-aware augmented images (flip, multi-scale resize, random crop via
 #   `torchvision.transforms.v2`), batched with padding and a True-means-padding mask.
 # * One step is forward → Hungarian matching + set loss → weighted sum over the final and auxiliary
-#   decoder layers → backward → clip at 0.1 → AdamW. A 35-second CPU run shows the loss falling,
-#   first through the box L1 term (typical box sizes and positions); real detection takes far longer.
-# * The shipped checkpoint's recipe, curve and live COCO AP table (pycocotools on the dataset's own
-#   ground truth, exactly as for real COCO; it reproduces the training log's last record) show
-#   DETR's slow convergence: with a pretrained backbone whose layer2-3 it fine-tunes and 10 object
-#   queries, about an hour on two CPU cores reaches AP 0.586 / AP50 0.855 evaluated at short side
-#   160, the largest training scale of its last phase (progressive resizing: 70 epochs on smaller
-#   images, the last 20 at about the images' own size). Both goals (AP 0.50, AP50 0.85) are met, the
-#   second only just: medium and large shapes well, small ones less well, duplicate boxes not yet
-#   suppressed. From scratch DETR stays on the plateau where the boxes do not depend on the image.
-# * The learning rate stays constant, and the model that is evaluated and shipped is a moving average
-#   of the weights (`train.ema_decay 0.998`, about 500 steps): it averages out the jitter of the
-#   high-learning-rate steps, scored 0.08 AP above the live weights at epoch 70, and ended better than
-#   the learning-rate drop it replaced.
-# * Offline, "pretrained" means a dense pretext on the training split (`python -m detr_lite.pretrain`:
-#   centre heatmaps + box sides), the toy stand-in for ImageNet weights.
-# * `capture_attention` exposes every attention map without editing the model: encoder
-#   self-attention per feature cell, decoder cross-attention per query, and the interactive explorer.
-#   The toy model's confident queries read far more from their own boxes than uniform attention
-#   would; its encoder tokens do not yet keep to their own objects.
+#   decoder layers → backward → clip at 0.1 → AdamW. A short run shows the loss falling, first
+#   through the box L1 term; real detection takes far longer.
+# * The toy recipe: a backbone pretrained on a dense pretext (the offline stand-in for ImageNet),
+#   10 object queries, `layer2`-`layer3` fine-tuned at half the transformer's lr, progressive
+#   resizing (small images, then the evaluation size for the last 20 epochs), a constant lr, and a
+#   moving average of the weights as the model that is evaluated and shipped.
+# * `detr_lite.engine.evaluate` computes the COCO AP table with pycocotools on the dataset's own
+#   ground truth. The shipped model is a real detector, weaker on small
+#   shapes, with some duplicate boxes not yet suppressed.
+# * `capture_attention` exposes encoder self-attention per feature cell and decoder cross-attention
+#   per query. The confident queries read far more from their own boxes than uniform attention
+#   would; the encoder tokens do not yet keep to their own objects.
 #
 # ## Exercises
 #
@@ -756,22 +724,20 @@ plt.show()
 #    happens to the number of predicted objects (`cardinality_error` in the records)?
 # 3. Remove gradient clipping (`clip_max_norm=0`). Plot the gradient norm per iteration with and
 #    without it.
-# 4. The card's table shows AP at val sizes 128..192, but it was measured on the validation split,
-#    so choosing the size from it would tune on val. Choose it without looking at val: run
+# 4. Choosing the evaluation size from AP on the validation split would tune on val. Choose it
+#    without looking at val: run
 #    `python -m detr_lite.evaluate --checkpoint data/checkpoints/detr_shapes.pt --split train2017
 #    --val-size N --val-max-size M` (the val transform on all training images) for N = 128, 160,
 #    192, with M at least 1.5 N so that no image is capped (the preset's 240 would cap the wide ones
-#    at 192). Which N wins on the training split, does it
-#    agree with the official rule (the largest training scale), and which of APs / APm / APl moves
+#    at 192). Which N wins on the training split, does it agree with the official rule (the largest training scale), and which of APs / APm / APl moves
 #    most as N grows (how many stride-16 cells does a small shape cover)? Then, on val, set
 #    `params.useCats = 0` on a pycocotools `COCOeval` of `engine.coco_detections`: how much of the
 #    missing AP50 is lost to wrong classes rather than missed boxes, for small objects especially?
 # 5. Build a fresh model *without* `load_backbone_weights` (its backbone starts random: the stem and
 #    `layer1` stay frozen at random values, `layer2`-`layer3` train) and rerun the live run. Which
 #    loss terms fall, and which cannot? What does that say about the role of pretraining?
-# 6. Train the full recipe yourself with `make train` (about an hour on a 2-core CPU, longer on a
-#    slower one: the card has the timings; minutes on a GPU), then compare your AP table and curve with
-#    the shipped ones. Then give it 30 more epochs (`--resume --epochs 120`): the preset's `lr_drop 90`
+# 6. Train the full recipe yourself with `make train` (the README gives its time), then compare your
+#    AP table and curve with the shipped ones. Then give it 30 more epochs (`--resume --epochs 120`): the preset's `lr_drop 90`
 #    now takes effect, so they run at a tenth of the learning rate. Does AP keep rising, and does a
 #    learning-rate drop still help once the weights are averaged?
 # 7. Train the DETR stage again without the moving average, on exercise 6's backbone:
@@ -779,7 +745,3 @@ plt.show()
 #    --output runs/no-ema --ema-decay 0` (its evaluations and checkpoint are then the live weights).
 #    Compare the two validation curves and final AP tables: how much does the average add, and how
 #    much noisier is the curve without it?
-
-# %%
-elapsed = time.perf_counter() - T_START
-print(f"notebook ran in {elapsed:.0f} s")

@@ -2,11 +2,13 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -27,12 +29,13 @@
 # 5. evaluate with pycocotools and compare against the papers; look at predictions and attention;
 # 6. evaluate the *official* checkpoints with the same code.
 #
-# **Smoke mode.** The committed notebook runs with `SMOKE = True`: a tiny COCO-*like* fixture (real
-# category ids with gaps, crowd regions, polygons, 12-digit JPEG names) is generated on the fly and
-# the *same* `torchrun` code path trains a small model on CPU for 2 iterations. That is what CI runs
-# (under a minute). To train for real, set `SMOKE = False`, `COCO_ROOT` and the GPU count below
-# (papermill users: the next cell is tagged `parameters`). Cells that only make sense on GPUs are
-# tagged `gpu` and print "skipped" in smoke mode.
+# **The outputs stored in this notebook are a CPU smoke run on a fixture, not results.** With
+# `SMOKE = True` a tiny COCO-*like* fixture (real category ids with gaps, crowd regions, polygons,
+# 12-digit JPEG names) is generated on the fly and the *same* `torchrun` code path trains a small
+# model on CPU for 2 iterations; CI runs exactly that. Every loss, AP and box printed below comes
+# from those 2 iterations on 6 fixture images. To train for real, set `SMOKE = False`, `COCO_ROOT`
+# and the GPU count below (papermill users: the next cell is tagged `parameters`). Cells that only
+# make sense on GPUs are tagged `gpu` and print "skipped" in smoke mode.
 
 # %% tags=["parameters"]
 ARCH = "detr_r50"  # detr_r50 | deformable_detr_r50 | deformable_detr_r50_refine | ..._two_stage
@@ -66,6 +69,7 @@ from detr_lite import launch, viz
 from detr_lite.coco_fixture import FIXTURE_CATEGORIES, make_coco_fixture
 
 torch.manual_seed(0)
+viz.use_style()  # the notebooks' figure dpi and font sizes
 
 if SMOKE:  # everything goes to a fresh temporary folder; same code path, tiny sizes, CPU
     work = Path(tempfile.mkdtemp(prefix="detr_lite_09_"))
@@ -139,11 +143,10 @@ if SMOKE:
 # progress per epoch roughly the same. It is a starting point, not a law (see
 # `docs/COCO_TRAINING.md`). The epoch schedule stays in epochs.
 #
-# Measured by this project on **one H200** (`benchmarks/bench_coco_step.py`, the model step alone at
-# batch 4, so a lower bound): Deformable DETR R50 at 14.7 images/s with `AMP` + `CHANNELS_LAST`, about
-# **112 hours** for its 50 epochs; DETR R50 in fp32 at 35 images/s, about **470 hours** for 500. With
-# `AMP`, DETR's gradients went non-finite within a few steps there (cause open; the trainer stops
-# before such a step): for `ARCH = "detr_r50"` on a GPU, set `AMP = False` until that is resolved.
+# How long a run takes on your GPUs: section 6 estimates it from the live log, and
+# [docs/COCO_TRAINING.md](../docs/COCO_TRAINING.md#5-expected-wall-clock-time) has measured step times
+# of both models on one GPU. For `ARCH = "detr_r50"` set `AMP = False`: under bf16 autocast DETR's
+# gradients can go non-finite (the same page, "Known problem"; the trainer stops before such a step).
 
 # %%
 recipe = launch.RECIPES[launch.family(ARCH)]
@@ -274,12 +277,10 @@ if SMOKE:
 # ## 7. Evaluate with pycocotools, next to the papers
 #
 # `python -m detr_lite.evaluate` rebuilds the model from the checkpoint's config, runs the val2017
-# transform (shorter side 800, longer ≤ 1333 for the COCO presets; in smoke mode, for `ARCH =
-# "detr_r50"`, the toy `detr-shapes` preset's 160, like 800 the largest training scale: that preset
-# trains its last 20 of 90 epochs at short side 120–160, which a 2-iteration smoke run never
-# reaches), and hands the detections to `COCOeval` — the numbers
-# papers report. Here the run's AP sits next to the published one for the
-# same architecture (smoke mode: 2 iterations on 6 images, so expect an AP of ~0).
+# transform (shorter side 800, longer ≤ 1333 for the COCO presets; the small smoke model uses its own
+# preset's size), and hands the detections to `COCOeval` — the numbers papers report. After a real
+# run, compare your AP with the published one for the same architecture (printed below); after the
+# smoke run the AP is that of 2 training iterations, about 0, and says nothing about the model.
 
 # %%
 eval_json = OUTPUT_DIR / "eval.json"
@@ -291,7 +292,10 @@ ev = subprocess.run(
 print(ev.stdout[-1500:] or ev.stderr[-3000:])
 assert ev.returncode == 0
 ours = json.loads(eval_json.read_text())
-print(f"{ARCH}: this run AP {100 * ours['AP']:.1f}  |  paper AP {launch.PAPER_AP[ARCH]:.1f}")
+if SMOKE:
+    print(f"smoke run (2 iterations on a fixture): AP {100 * ours['AP']:.1f} is a pipeline check, not a result")
+else:
+    print(f"{ARCH}: your run AP {100 * ours['AP']:.1f}  |  published AP {launch.PAPER_AP[ARCH]:.1f}")
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -307,7 +311,8 @@ print(f"training time: DETR {launch.RECIPES['detr'].v100_hours} V100-h (500 ep),
 # Load the checkpoint through the package, run two val images, keep detections above a score
 # threshold, and — for DETR — capture the last decoder layer's cross-attention: for each detection,
 # the attention of its query over the encoder's feature grid shows *where the object query looked*.
-# (After 2 smoke iterations the boxes are noise; after a real run they are the picture in the paper.)
+# (In the stored smoke run the boxes and maps are noise from 2 iterations; after a real run they are
+# the picture in the paper.)
 
 # %%
 from torchvision.ops import box_convert
@@ -334,13 +339,13 @@ print("pred_logits", tuple(outputs["pred_logits"].shape), "| pred_boxes", tuple(
 assert outputs["pred_logits"].shape[-1] == (91 + 1 if cfg.model.arch == "detr" else 91)
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(6, 3), dpi=80)
-for ax, img, t, r in zip(axes, images, targets, results):
+fig, axes = viz.subplots(1, 2, width=6.0, row_height=3.0)
+for ax, img, t, r in zip(axes[0], images, targets, results):
     h, w = t["size"].tolist()
     keep = r["scores"].topk(min(5, len(r["scores"]))).indices  # the 5 most confident detections
     viz.show_boxes(img[:, :h, :w], r["boxes"][keep], labels=r["labels"][keep], scores=r["scores"][keep],
                    class_names=names, ax=ax, title=f"image {int(t['image_id'])}")  # fmt: skip
-fig.tight_layout()
+fig.suptitle(("smoke run (noise): " if SMOKE else "") + "the 5 most confident detections per val image")
 
 # %%
 if cfg.model.arch == "detr" and attn:
@@ -354,7 +359,10 @@ if cfg.model.arch == "detr" and attn:
     maps = w_att[top].reshape(-1, fh, fw)
     boxes = results[0]["boxes"][top]
     print(f"cross-attention from {last}: {tuple(attn[last].shape)} -> maps {tuple(maps.shape)}")
-    viz.show_attention_maps(images[0], maps, boxes=boxes, titles=[f"query {int(q)}" for q in top])
+    viz.show_attention_maps(
+        images[0], maps, boxes=boxes, titles=[f"query {int(q)}" for q in top], stride=stride,
+        suptitle=("smoke run (noise): " if SMOKE else "") + "last decoder layer's cross-attention, 3 top queries",
+    )  # fmt: skip
 else:
     print("Deformable DETR attends at a few sampled points per query instead of the whole grid; "
           "notebooks 07-08 draw them.")  # fmt: skip

@@ -148,7 +148,6 @@ def attention_explorer(
             rgb, attn[i, j], ax=ax[0, 0], point=(x, y), stride=stride, colorbar=True,
             title=f"encoder attention of the cell at ({int(x)}, {int(y)}), cell ({i}, {j})",
         )  # fmt: skip
-        fig.tight_layout()
         return fig
 
     def draw_grid(points: Sequence[tuple[float, float]] | None = None, cols: int = 3) -> Figure:
@@ -175,7 +174,6 @@ def attention_explorer(
         fig.suptitle(
             "encoder self-attention (last layer, heads averaged) of the cell under each point", fontsize=8
         )
-        fig.tight_layout()
         return fig
 
     out = widgets.Output()

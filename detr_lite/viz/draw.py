@@ -44,10 +44,13 @@ def use_style() -> None:
 
 def subplots(rows: int = 1, cols: int = 1, row_height: float | None = None, width: float | None = None):
     """``plt.subplots`` at the notebooks' sizes: ``FIG_WIDTH`` wide (narrower for one or two panels)
-    and ``row_height`` inches per row (default: square panels, at most ``FIGSIZE_PER_PANEL``)."""
+    and ``row_height`` inches per row (default: square panels, at most ``FIGSIZE_PER_PANEL``), with
+    constrained layout so that titles and colour bars get their room (no ``tight_layout`` needed)."""
     width = width or min(FIG_WIDTH, FIGSIZE_PER_PANEL * 1.4 * cols)
     height = row_height or min(FIGSIZE_PER_PANEL, width / cols)
-    return plt.subplots(rows, cols, figsize=(width, height * rows), dpi=DPI, squeeze=False)
+    return plt.subplots(
+        rows, cols, figsize=(width, height * rows), dpi=DPI, squeeze=False, layout="constrained"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,7 +306,6 @@ def show_attention_maps(
             x, y = points[i]
             shown.plot([x], [y], marker="o", color=color, markersize=5, markeredgecolor="black")
     fig.suptitle(suptitle or "attention weight per feature cell (colour scale beside each panel)", fontsize=8)
-    fig.tight_layout()
     return fig
 
 
@@ -393,7 +395,7 @@ def plot_loss_curves(
     xlabel: str = "iteration",
     title: str | None = None,
     logy: bool = False,
-    ylabel: str = "loss",
+    ylabel: str | None = None,
 ) -> Axes:
     """One line per named curve (e.g. ``{'loss': [...], 'loss_ce': [...]}``) on shared axes.
 
@@ -406,7 +408,8 @@ def plot_loss_curves(
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel(ylabel, fontsize=8)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
     if title:
