@@ -20,6 +20,8 @@ _LAZY = {
     "save_checkpoint": "detr_lite.checkpoint",
     "load_checkpoint": "detr_lite.checkpoint",
     "capture_attention": "detr_lite.transformer",
+    "Detector": "detr_lite.api",
+    "Detections": "detr_lite.api",
 }
 
 

@@ -21,6 +21,11 @@ squeezed below 1 px), ``ToNormalizedTensor`` (float32, ImageNet mean/std) and ``
 Every transform takes and returns ``(image, target)`` where ``image`` is a PIL image (as in the
 official code: PIL resizes, with antialiasing) or a ``tv_tensors.Image``, and
 ``target['boxes']`` a ``tv_tensors.BoundingBoxes``; v2 moves the boxes with the pixels.
+
+The val pipeline also runs on an image alone (inference): ``build_transforms(cfg, train=False)(image)``
+returns the normalised ``[3, H, W]`` tensor, the box steps are skipped (also for ``(image, None)``,
+which returns ``(tensor, None)``). :func:`to_pil_rgb` turns any image a user may hold (PIL of any
+mode, numpy array, tensor; grey, RGBA, 16-bit, float) into the 8-bit RGB PIL image the pipeline takes.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
 _STD = np.array(IMAGENET_STD, dtype=np.float32)
+_NO_TARGET = object()  # "called with the image alone" (v2.Compose then passes one argument)
 
 
 def _image_hw(flat_inputs: list[Any]) -> tuple[int, int]:
@@ -91,7 +97,7 @@ class ToNormalizedTensor(v2.Transform):
     costs far more than it saves when the machine is busy (``benchmarks/bench_data.py``).
     """
 
-    def forward(self, image: Any, target: dict) -> tuple[torch.Tensor, dict]:
+    def forward(self, image: Any, target: dict | None = _NO_TARGET):
         if isinstance(image, PIL.Image.Image):
             arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
         else:
@@ -100,7 +106,8 @@ class ToNormalizedTensor(v2.Transform):
             if not t.is_floating_point():
                 arr /= 255.0
         arr = (arr - _MEAN) / _STD
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), target
+        tensor = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return tensor if target is _NO_TARGET else (tensor, target)
 
 
 class ToDetrTarget(v2.Transform):
@@ -110,7 +117,10 @@ class ToDetrTarget(v2.Transform):
     normalisation divides by that same size — the convention the model's sigmoid boxes use.
     """
 
-    def forward(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    def forward(self, image: torch.Tensor, target: dict | None = _NO_TARGET):
+        if target is _NO_TARGET or target is None:  # inference: the image alone
+            plain = image.as_subclass(torch.Tensor)
+            return plain if target is _NO_TARGET else (plain, None)
         h, w = F.get_size(image)
         boxes = target["boxes"]
         xyxy = boxes.as_subclass(torch.Tensor).float()
@@ -120,6 +130,21 @@ class ToDetrTarget(v2.Transform):
         out["boxes"] = box_convert(xyxy, "xyxy", "cxcywh") / scale
         out["size"] = torch.tensor([h, w], dtype=torch.int64)
         return image.as_subclass(torch.Tensor), out
+
+
+class _IfTarget(v2.Transform):
+    """Run ``inner`` on ``(image, target)``; pass an image given alone (or with target None) through."""
+
+    def __init__(self, inner: v2.Transform):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *inputs: Any) -> Any:
+        if len(inputs) == 1:
+            return inputs[0]
+        if inputs[1] is None:
+            return inputs
+        return self.inner(*inputs)
 
 
 def _sanitize() -> v2.Compose:
@@ -161,7 +186,7 @@ def build_transforms(cfg: DataConfig, train: bool, scale: float = 1.0) -> v2.Com
     validation resize ignores it.
     """
     tail = [
-        _sanitize(),
+        _IfTarget(_sanitize()),
         ToNormalizedTensor(),
         ToDetrTarget(),
     ]
@@ -181,3 +206,68 @@ def build_transforms(cfg: DataConfig, train: bool, scale: float = 1.0) -> v2.Com
     )
     head = [v2.RandomHorizontalFlip(p=0.5)] if cfg.hflip else []
     return v2.Compose([*head, v2.RandomChoice([multi_scale, crop_branch]), *tail])
+
+
+def to_pil_rgb(image: Any) -> PIL.Image.Image:
+    """Any image -> 8-bit RGB ``PIL.Image`` (what the val pipeline and the model expect).
+
+    * ``PIL.Image`` of any mode: as :func:`detr_lite.data.coco.load_rgb` reads files (16-bit and
+      32-bit grey rescaled by their depth, palette / RGBA / LA / CMYK converted, alpha dropped);
+    * ``numpy`` array ``[H, W]``, ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` (channels last);
+    * ``torch.Tensor`` ``[H, W]`` or ``[C, H, W]`` with C in 1, 3, 4 (channels first, torchvision's layout).
+
+    Array dtypes: ``uint8`` as is, ``uint16`` / ``int32`` scaled by /257 when above 255, ``bool``
+    as 0/255, floating point read as 0..1 (values above 1.5 as 0..255). Raises ValueError otherwise.
+    """
+    if isinstance(image, PIL.Image.Image):
+        return _pil_to_rgb(image)
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.dim() == 3 and t.shape[0] in (1, 3, 4):
+            t = t.permute(1, 2, 0)
+        elif t.dim() != 2:
+            raise ValueError(f"image: a tensor must be [H, W] or [C, H, W] with C in 1, 3, 4, got {tuple(t.shape)}")
+        arr = t.numpy()
+    elif isinstance(image, np.ndarray):
+        arr = image
+    else:
+        raise ValueError(
+            f"image: expected a file path, PIL image, numpy array or tensor, got {type(image).__name__}"
+        )
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise ValueError(f"image: an array must be [H, W] or [H, W, C] with C in 1, 3, 4, got shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"image: empty image of shape {arr.shape}")
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]  # drop alpha, as PIL's RGBA -> RGB does
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif np.issubdtype(arr.dtype, np.floating):
+        a = np.nan_to_num(arr.astype(np.float64))
+        arr = np.clip(np.round(a * 255.0 if a.max(initial=0) <= 1.5 else a), 0, 255).astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8:
+        a = arr.astype(np.float64)
+        if arr.dtype in (np.uint16, np.int32, np.uint32, np.int64, np.uint64) and a.max(initial=0) > 255:
+            a = a / 257.0  # 16-bit range -> 8-bit range
+        arr = np.clip(np.round(a), 0, 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ValueError(f"image: unsupported array dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr)
+    return PIL.Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB").convert("RGB")
+
+
+def _pil_to_rgb(im: PIL.Image.Image) -> PIL.Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
+            a = a / 257.0
+        elif im.mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        return PIL.Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if im.mode == "P":
+        return im.convert("RGBA").convert("RGB")
+    return im.convert("RGB")

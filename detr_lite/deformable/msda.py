@@ -130,6 +130,10 @@ def ms_deform_attn(
     (``detr_lite/deformable/msda_fast.py``). Works on CPU and CUDA; computes in float32 (float64
     inputs stay float64) and returns ``value.dtype``.
     """
+    if torch.compiler.is_exporting():  # torch.export / ONNX: level sizes stay tensors (no .tolist())
+        from detr_lite.deformable.msda_export import ms_deform_attn_gather
+
+        return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
     shapes = _level_shapes(value, spatial_shapes, sampling_locations, attention_weights)
     return ms_deform_attn_core(value, sampling_locations, attention_weights, shapes)
 

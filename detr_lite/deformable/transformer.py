@@ -42,6 +42,11 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def _as_shape_list(spatial_shapes) -> list:
+    """``[L, 2]`` tensor -> list of ``(h, w)``; a list or tuple of pairs is returned as is."""
+    return spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else list(spatial_shapes)
+
+
 def get_valid_ratio(mask: Tensor) -> Tensor:
     """``[B, H, W]`` padding mask -> ``[B, 2]`` (valid_W / W, valid_H / H), counted on the first row/col."""
     _, h, w = mask.shape
@@ -82,17 +87,22 @@ class DeformableTransformerEncoder(nn.Module):
         self.num_layers = num_layers
 
     @staticmethod
-    def get_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor, device) -> Tensor:
+    def get_reference_points(spatial_shapes, valid_ratios: Tensor, device) -> Tensor:
         """Centres of every cell of every level -> ``[B, S, L, 2]`` reference points.
+
+        ``spatial_shapes``: ``[L, 2]`` tensor or a list of ``(h, w)`` (Python ints, or the symbolic
+        sizes of ``torch.export``: the list keeps the shapes out of tensor data, so nothing is read
+        back with ``.tolist()`` and an exported graph follows the input size).
 
         Cell (i, j) of level l has centre ((j + 0.5) / (valid_W_l), (i + 0.5) / (valid_H_l)) in units of the
         valid image (the official normalisation); multiplying by each level's valid ratio expresses it in
         that level's padded map, which is what the sampling code expects.
         """
         refs = []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-            ys = torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device)
-            xs = torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device)
+        for lvl, (h, w) in enumerate(_as_shape_list(spatial_shapes)):
+            # = linspace(0.5, h - 0.5, h), exactly; arange keeps h symbolic under torch.export
+            ys = torch.arange(h, dtype=torch.float32, device=device) + 0.5
+            xs = torch.arange(w, dtype=torch.float32, device=device) + 0.5
             ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
@@ -100,8 +110,11 @@ class DeformableTransformerEncoder(nn.Module):
         ref = torch.cat(refs, 1)  # [B, S, 2]
         return ref[:, :, None] * valid_ratios[:, None]  # [B, S, L, 2]
 
-    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask=None):
-        reference_points = self.get_reference_points(spatial_shapes, valid_ratios, src.device)
+    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask=None, shapes=None):
+        """``shapes``: the level sizes as a list of ``(h, w)`` (default: read from ``spatial_shapes``)."""
+        reference_points = self.get_reference_points(
+            spatial_shapes if shapes is None else shapes, valid_ratios, src.device
+        )
         out = src
         for layer in self.layers:
             out = layer(out, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
@@ -261,20 +274,20 @@ class DeformableTransformer(nn.Module):
         pos = pos[:, :, :, None] / dim_t  # [B, Q, 4, F]
         return torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
 
-    def gen_encoder_output_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor):
+    def gen_encoder_output_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes):
         """One box proposal per encoder token: its cell centre with side 0.05 * 2^level (in valid-image
         units), as logits. Padded or border tokens (any coordinate outside (0.01, 0.99)) get +inf and a
         zeroed memory. Returns (``enc_output_norm(enc_output(memory))`` [B, S, d], proposals [B, S, 4])."""
         b = memory.shape[0]
         proposals = []
         cur = 0
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(_as_shape_list(spatial_shapes)):
             mask_l = padding_mask[:, cur : cur + h * w].view(b, h, w)
             valid_h = (~mask_l[:, :, 0]).sum(1)
             valid_w = (~mask_l[:, 0, :]).sum(1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+                torch.arange(h, dtype=torch.float32, device=memory.device),  # = linspace(0, h - 1, h)
+                torch.arange(w, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.stack([grid_x, grid_y], -1)  # [h, w, 2]
@@ -331,11 +344,18 @@ class DeformableTransformer(nn.Module):
         src_flat = torch.cat(src_flat, 1)
         mask_flat = torch.cat(mask_flat, 1)
         pos_flat = torch.cat(pos_flat, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
+        # [L, 2] built with tensor ops, not torch.as_tensor: under torch.export the sizes are symbolic
+        # and as_tensor would fix them to the example input's
+        spatial_shapes = torch.stack(
+            [torch.stack([torch.full((), v, dtype=torch.long, device=src_flat.device) for v in hw]) for hw in shapes]
+        )
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([get_valid_ratio(m) for m in masks], 1)  # [B, L, 2]
 
-        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, mask_flat)
+        # the Python list of sizes goes along, so that no size is read back from a tensor (torch.export)
+        memory = self.encoder(
+            src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, mask_flat, shapes=shapes
+        )
 
         b, _, c = memory.shape
         out = {}
@@ -344,7 +364,7 @@ class DeformableTransformer(nn.Module):
                 raise ValueError(
                     "DeformableTransformer: two_stage needs the model's class_embed and bbox_embed"
                 )
-            out_memory, out_proposals = self.gen_encoder_output_proposals(memory, mask_flat, spatial_shapes)
+            out_memory, out_proposals = self.gen_encoder_output_proposals(memory, mask_flat, shapes)
             n_dec = self.decoder.num_layers
             enc_class = class_embed[n_dec](out_memory)
             enc_coord_unact = bbox_embed[n_dec](out_memory) + out_proposals
