@@ -7,7 +7,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 # Kernels draw figures with the inline backend (MPLBACKEND=Agg would silently drop every figure).
 NB_ENV := MPLBACKEND=module://matplotlib_inline.backend_inline
 
-.PHONY: venv train train-deformable deformable-study test lint unit nbval sync-check lab notebooks notebook-headers bench clean-venv
+.PHONY: venv demo train train-deformable deformable-study test lint unit nbval sync-check lab notebooks notebook-headers bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+## First command (about a minute on 2 CPU cores once installed): evaluate both shipped models on the
+## bundled val split (AP tables side by side) and draw predictions for a few val images with DETR's
+## attention maps / Deformable DETR's sampling points (runs/demo/). Options: make demo DEMO_ARGS="--images 5"
+DEMO_ARGS ?=
+demo: $(STAMP)
+	$(PY) -m detr_lite.demo $(DEMO_ARGS)
 
 ## Main job: pretrain the toy backbone, train the toy DETR on the bundled data, evaluate it (COCO AP table).
 ## Quick run: make train PRETRAIN_ARGS="--epochs 1" TRAIN_ARGS="--epochs 2"

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="official files only (default: read from the weights)")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (onnx)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
-    p.add_argument("--output", help="output file (default: exports/<checkpoint name>[_dynamic].onnx)")
+    p.add_argument("--output", help="output file (default: runs/exports/<checkpoint name>[_dynamic].onnx)")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="traced input size (default: the first bundled val image at the val size)")  # fmt: skip
     p.add_argument("--opset", type=int, default=18)
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--size: expected H, W >= {DYNAMIC_RANGE[0]}, got {size}")
     example = check_inputs(det, 1, False, size)[0]
     stem = Path(det.source).stem
-    out = Path(args.output or f"exports/{stem}{'_dynamic' if args.dynamic else ''}.onnx")
+    out = Path(args.output or f"runs/exports/{stem}{'_dynamic' if args.dynamic else ''}.onnx")
     t0 = time.perf_counter()
     export_onnx(det, out, example, dynamic=args.dynamic, opset=args.opset)
     meta = {

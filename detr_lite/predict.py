@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "official DETR / Deformable DETR file (default: detr_shapes)")  # fmt: skip
     p.add_argument("--arch", help="official files only: e.g. detr_r50_dc5 (default: read from the weights)")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score of a detection (default 0.5)")
-    p.add_argument("--output", default="predictions", help="folder for the PNGs and detections.json")
+    p.add_argument("--output", default="runs/predictions", help="folder for the PNGs and detections.json (default runs/predictions)")
     p.add_argument("--explain", action="store_true",
                    help="draw each detection's attention map (DETR) / sampling points (Deformable DETR)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the detections JSON on stdout")
