@@ -3,8 +3,11 @@
 A checkpoint is a plain dict::
 
     {'model': state_dict, 'config': Config.to_dict(), 'meta': {...},
-     # resumable training checkpoints add
-     'optimizer': ..., 'lr_scheduler': ..., 'epoch': int, 'rng': {...}, 'metrics': [...],
+     # a training run's checkpoints add what --resume needs (TrainState)
+     'optimizer': ..., 'lr_scheduler': ..., 'scaler': ... (fp16 only), 'epoch': epochs done,
+     'iteration': batches done in the next epoch (0 after an epoch; > 0 mid-epoch),
+     'epoch_totals': that epoch's running sums, 'rng': {...}, 'rng_per_rank': [...] (DDP),
+     'metrics': [one record per finished epoch],
      # and, with train.ema_decay, the live weights ('model' is then their moving average)
      'model_train': state_dict}
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -178,9 +182,12 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
             f"{where} does not match the model: {describe_mismatch(missing, unexpected, mismatched)}"
         )
     target = unwrap_model(model)
-    own = target.state_dict()
-    cast = {k: (v.to(own[k].dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
-    target.load_state_dict(cast, strict=True)
+    target.load_state_dict(cast_like(state_dict, target.state_dict()), strict=True)
+
+
+def cast_like(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating-point tensors cast to the dtype of the same key in ``own`` (float16 files -> float32 models)."""
+    return {k: (v.to(own[k].dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
 
 
 def load_checkpoint(
@@ -194,20 +201,163 @@ def load_checkpoint(
     ``model`` is given, in which case the weights are loaded into it. Either way a state dict
     that doesn't fit raises ValueError naming the offending keys.
     """
+    ckpt = read_checkpoint(path, map_location)
+    model, cfg = model_from_checkpoint(ckpt, str(path), map_location, model)
+    return model, cfg, ckpt
+
+
+def model_from_checkpoint(
+    ckpt: dict[str, Any], source: str, map_location: str | torch.device = "cpu", model: nn.Module | None = None
+) -> tuple[nn.Module, Config]:
+    """``(model in eval mode, Config)`` from a checkpoint dict already read by :func:`read_checkpoint`."""
     from detr_lite.models import build_model
 
-    ckpt = read_checkpoint(path, map_location)
     if "config" not in ckpt:
         raise ValueError(
-            f"checkpoint {path}: has no 'config' entry (an official model-zoo file? "
+            f"checkpoint {source}: has no 'config' entry (an official model-zoo file? "
             "use detr_lite.load_official_checkpoint(path, arch=...) instead)"
         )
     cfg = Config.from_dict(ckpt["config"])
     if model is None:
         model = build_model(cfg.model).to(map_location)
-    load_state_dict_checked(model, ckpt["model"], source=str(path))
-    model.eval()
-    return model, cfg, ckpt
+    load_state_dict_checked(model, ckpt["model"], source=source)
+    return model.eval(), cfg
+
+
+# --------------------------------------------------------------------------------------------
+# starting weights: a model to fine-tune, a pretrained backbone
+# --------------------------------------------------------------------------------------------
+CLASS_HEAD_PREFIX = "class_embed"
+
+
+def load_finetune_weights(model: nn.Module, path: str | os.PathLike) -> str:
+    """Load weights for fine-tuning; a class head of another size is skipped (left freshly initialised).
+
+    Any other mismatch (missing, unexpected or differently shaped keys) is an error naming the keys.
+    """
+    sd = dict(read_checkpoint(path)["model"])
+    missing, unexpected, mismatched = state_dict_mismatch(model, sd)
+    head = [m for m in mismatched if m[0].startswith(CLASS_HEAD_PREFIX)]
+    other = [m for m in mismatched if not m[0].startswith(CLASS_HEAD_PREFIX)]
+    if missing or unexpected or other:
+        raise ValueError(
+            f"--finetune {path}: weights do not fit the model: {describe_mismatch(missing, unexpected, other)}"
+        )
+    for key, _, _ in head:
+        sd.pop(key)
+    model.load_state_dict(cast_like(sd, model.state_dict()), strict=False)
+    if head:
+        return f"loaded {path}; class head re-initialised ({len(head)} tensors: num_classes differs)"
+    return f"loaded {path} (all tensors)"
+
+
+def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> str:
+    """Load the ``backbone.*`` tensors of ``path`` (a ``python -m detr_lite.pretrain`` checkpoint, or
+    any DETR checkpoint) into ``model.backbone``; any missing or differently shaped backbone tensor is
+    a one-line error. Stages after this backbone's last one (a trunk pretrained deeper than the
+    DETR's cut) are left out and counted in the returned message."""
+    from detr_lite.backbone import _STAGES
+
+    ckpt = read_checkpoint(path)
+    sd = {k[len("backbone.") :]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    if not sd:
+        raise ValueError(f"--backbone-weights {path}: no 'backbone.*' tensors in its 'model' state dict")
+    own = model.backbone.state_dict()
+
+    def stage(key: str) -> str:  # "body.layer2.0.conv1.weight" -> "layer2"
+        parts = key.split(".")
+        return parts[1] if len(parts) > 2 and parts[0] == "body" else ""
+
+    # the stages after this backbone's last one are not part of it (IntermediateLayerGetter drops them)
+    last = max((_STAGES.index(stage(k)) for k in own if stage(k) in _STAGES), default=len(_STAGES) - 1)
+    unused = [k for k in sd if stage(k) in _STAGES[last + 1 :]]
+    # trainable BatchNorm counts its batches; FrozenBatchNorm2d (same other buffers) has no counter
+    sd = {k: v for k, v in sd.items() if k not in unused and (k in own or not k.endswith("num_batches_tracked"))}
+    missing, unexpected, mismatched = state_dict_mismatch(model.backbone, sd)
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"--backbone-weights {path}: does not fit this backbone: {describe_mismatch(missing, unexpected, mismatched)}"
+        )
+    model.backbone.load_state_dict(cast_like(sd, own))
+    msg = f"loaded backbone weights from {path} ({len(sd)} tensors)"
+    if unused:
+        stages = sorted({stage(k) for k in unused}, key=_STAGES.index)
+        msg += f"; {len(unused)} tensors of {', '.join(stages)} not used (this backbone stops after {_STAGES[last]})"
+    return msg
+
+
+def backbone_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """Where a ``--backbone-weights`` file came from (its path and, for a pretrain checkpoint, the command,
+    epochs, wall time and last epoch's pretext losses), kept in the trained checkpoint's meta."""
+    meta = read_checkpoint(path).get("meta", {})
+    out: dict[str, Any] = {"path": str(path)}
+    for key in ("command", "epochs", "lr", "lr_drop", "pretrain_wall_time_s", "pretext"):
+        if key in meta:
+            out[key] = meta[key]
+    if meta.get("history"):
+        out["last_epoch"] = meta["history"][-1]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# a training run's state: saved every epoch (and every N iterations), restored by --resume
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """What a run changes as it trains, so what its checkpoint holds for an exact resume."""
+
+    model: nn.Module  # the live weights (possibly DDP / compile wrapped)
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: torch.amp.GradScaler | None = None  # fp16 autocast only
+    ema: Any = None  # engine.ModelEma: its average is the checkpoint's "model"
+    epoch: int = 0  # epochs finished
+    epoch_totals: dict[str, float] = field(default_factory=dict)  # running sums of the next epoch so far
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+    wall_s: float = 0.0  # training wall time of the run before this process started
+
+    @property
+    def iteration(self) -> int:
+        """Batches of epoch ``epoch`` already trained on (0 between epochs)."""
+        return int(self.epoch_totals.get("iters", 0))
+
+
+def save_training_checkpoint(path: str | os.PathLike, state: TrainState, cfg: Config, meta: dict[str, Any],
+                             rngs: list[dict[str, Any]]) -> None:  # fmt: skip
+    """Atomically write ``state`` (``rngs``: every process's RNG snapshot, rank order) to ``path``."""
+    extra: dict[str, Any] = {
+        "optimizer": state.optimizer.state_dict(), "lr_scheduler": state.lr_scheduler.state_dict(),
+        "epoch": state.epoch, "iteration": state.iteration, "epoch_totals": dict(state.epoch_totals),
+        "rng": rngs[0], "metrics": state.history,
+    }  # fmt: skip
+    if len(rngs) > 1:
+        extra["rng_per_rank"] = rngs
+    if state.scaler is not None:
+        extra["scaler"] = state.scaler.state_dict()
+    if state.ema is not None:  # the average is the model everything else loads; the live weights ride along
+        extra["model_train"] = unwrap_model(state.model).state_dict()
+    save_checkpoint(path, state.model if state.ema is None else state.ema.module, cfg, meta=meta, **extra)
+
+
+def restore_training_state(state: TrainState, ckpt: dict[str, Any], source: str, rank: int = 0) -> dict[str, Any]:
+    """Load a training checkpoint into ``state``; returns the RNG snapshot of process ``rank``
+    (restored by the trainer where the run stopped: the start of epoch ``state.epoch`` + its
+    ``state.iteration`` batches)."""
+    if state.ema is not None and "model_train" not in ckpt:
+        raise ValueError(f"--resume: {source} has train.ema_decay but no 'model_train' weights")
+    load_state_dict_checked(state.model, ckpt.get("model_train", ckpt["model"]), source=source)
+    if state.ema is not None:
+        load_state_dict_checked(state.ema.module, ckpt["model"], source=source)
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if state.scaler is not None and "scaler" in ckpt:
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.epoch = int(ckpt["epoch"])
+    state.epoch_totals = dict(ckpt.get("epoch_totals", {}))
+    state.history = list(ckpt.get("metrics", []))
+    state.wall_s = float(ckpt["meta"].get("train_wall_time_s", 0.0))
+    per_rank = ckpt.get("rng_per_rank", [])
+    return per_rank[rank] if rank < len(per_rank) else ckpt["rng"]
 
 
 def export_checkpoint(

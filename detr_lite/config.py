@@ -1,14 +1,18 @@
 """Configuration dataclasses and named presets.
 
 Nothing in detr_lite passes an argparse namespace around: every builder takes one of these
-dataclasses. ``get_config(name)`` returns a fresh copy of a named preset; ``Config.to_dict`` /
-``Config.from_dict`` round-trip through the checkpoint's ``'config'`` entry.
+dataclasses. ``get_config(name)`` returns a fresh copy of a named preset, ``load_config`` a preset
+or a ``.json``; ``Config.to_dict`` / ``Config.from_dict`` round-trip through the checkpoint's
+``'config'`` entry. A run sets its command-line options with ``apply_overrides`` (a resumed run:
+only the ``RESUMABLE`` ones) and checks the result once with ``validate``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 
@@ -104,6 +108,9 @@ class TrainConfig:
     # validation, the checkpoint's "model" and everything that loads it use the average, and the
     # raw training weights ride along as "model_train" for --resume (not part of the official recipe)
     ema_decay: float = 0.0
+    # 0: a checkpoint after every epoch only. N > 0: also after every N iterations of an epoch, so
+    # a killed run loses at most N steps (--resume continues mid-epoch with the same batches)
+    checkpoint_every: int = 0
 
     @property
     def val_batch_size(self) -> int:
@@ -386,3 +393,72 @@ def get_config(name: str) -> Config:
     if name not in PRESETS:
         raise ValueError(f"unknown config {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+def load_config(name: str) -> Config:
+    """A preset by name, or a config written as JSON (``Config.to_dict``) by its ``.json`` path."""
+    if not name.endswith(".json"):
+        return get_config(name)
+    if not Path(name).is_file():
+        raise ValueError(f"--config {name}: file not found")
+    return Config.from_dict(json.loads(Path(name).read_text()))
+
+
+# What a resumed run may change: how long it runs and how it is watched, never how it has learned
+# so far (the lr drop only while neither the old nor the new one has happened: then the resumed run
+# equals a fresh run with the new drop).
+RESUMABLE = ("train.epochs", "train.lr_drop", "train.eval_every", "train.checkpoint_every", "data.num_workers",
+             "data.root")  # fmt: skip
+
+
+def _flag(key: str) -> str:
+    """The command-line option of a config field (``train.lr_drop`` -> ``--lr-drop``)."""
+    return "--data" if key == "data.root" else "--" + key.split(".")[1].replace("_", "-")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], epochs_done: int | None = None) -> Config:
+    """Set ``{"train.lr": 2e-4, ...}`` on ``cfg`` (``None`` values: not given, skipped).
+
+    ``epochs_done``: ``cfg`` is a resumed run's, which has finished that many epochs; it keeps every
+    setting outside ``RESUMABLE`` (passing one with its current value is fine).
+    """
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, name = key.split(".")
+        obj = getattr(cfg, section)
+        old = getattr(obj, name)
+        if epochs_done is not None and value != old:
+            if key not in RESUMABLE:
+                raise ValueError(
+                    f"{_flag(key)} {value} with --resume: the run was trained with {key} {old}; a resumed run "
+                    f"may change only {', '.join(_flag(k) for k in RESUMABLE)}"
+                )
+            if key == "train.lr_drop" and min(value, old) <= epochs_done:
+                raise ValueError(
+                    f"--lr-drop {value} with --resume: the run has finished {epochs_done} epochs with lr_drop "
+                    f"{old}; both drops must come after epoch {epochs_done}"
+                )
+        setattr(obj, name, value)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """One-line ``ValueError`` for a setting no run can use, before anything heavy is built."""
+    t, d = cfg.train, cfg.data
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name in ("epochs", "batch_size", "eval_every"):
+        if not is_int(getattr(t, name)) or getattr(t, name) < 1:
+            raise ValueError(f"config {cfg.name}: train.{name} must be a positive integer, got {getattr(t, name)!r}")
+    if not is_int(t.checkpoint_every) or t.checkpoint_every < 0:
+        raise ValueError(f"config {cfg.name}: train.checkpoint_every must be an integer >= 0, got {t.checkpoint_every!r}")
+    if isinstance(d.late_scale, bool) or not isinstance(d.late_scale, (int, float)) or not d.late_scale > 0:
+        raise ValueError(f"config {cfg.name}: data.late_scale must be a positive number, got {d.late_scale!r}")
+    if not is_int(d.late_scale_after) or d.late_scale_after < 0:
+        raise ValueError(f"config {cfg.name}: data.late_scale_after must be an integer >= 0, got {d.late_scale_after!r}")
+    e = t.ema_decay
+    if isinstance(e, bool) or not isinstance(e, (int, float)) or not (e == 0 or 0 < e < 1):
+        raise ValueError(f"config {cfg.name}: train.ema_decay must be 0 (off) or in (0, 1), got {e!r}")

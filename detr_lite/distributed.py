@@ -48,7 +48,15 @@ def init_distributed(device: str) -> bool:
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0":
+        dist.init_process_group(backend=backend)
+    else:
+        # a group that torchrun restarted (--max-restarts) meets in the store of the failed one;
+        # its own key prefix keeps it from reading the dead processes' addresses
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank,
+                                world_size=world_size)  # fmt: skip
     return True
 
 

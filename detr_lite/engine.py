@@ -18,12 +18,13 @@ import contextlib
 import io
 import math
 import time
-from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torchvision.ops import box_convert
 from tqdm.auto import tqdm
 
 from detr_lite.config import TrainConfig
@@ -147,10 +148,22 @@ class ModelEma:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp_dtype)
+@dataclass(frozen=True)
+class Precision:
+    """How the model's tensors are computed: ``amp_dtype`` under autocast (None: float32), the
+    ``scaler`` that float16 gradients need, and images in ``channels_last`` memory format."""
+
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    channels_last: bool = False
+
+    def autocast(self, device: torch.device):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.amp_dtype)
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
 
 def _targets_to(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
@@ -201,47 +214,40 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     clip_max_norm: float = 0.0,
-    scaler: torch.amp.GradScaler | None = None,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    max_iters: int | None = None,
+    *,
+    precision: Precision = Precision(),
+    ema: ModelEma | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
-    ema: ModelEma | None = None,
+    totals: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Train for one pass over ``loader`` (or ``max_iters`` batches); returns averaged metrics.
-
-    ``ema``: a :class:`ModelEma` updated after every optimiser step.
+    """Train for one pass over ``loader``; returns the epoch's averaged metrics.
 
     Each iteration calls ``log`` (if given) with a record holding the total loss, every weighted
     term, ``class_error``, the learning rate, seconds per iteration and images per second, all
-    averaged over DDP processes. A non-finite total loss, or (without a GradScaler) non-finite
-    gradients from a finite loss, raise :class:`NonFiniteLossError` *before* the optimiser step, so the
-    weights (and the last checkpoint) stay good.
+    averaged over DDP processes. ``ema``: a :class:`ModelEma` updated after every optimiser step.
+    ``totals``: the epoch's running sums, updated in place before each ``log`` call; pass those of
+    a checkpoint to continue an epoch (the loader then yields its remaining batches, iterations
+    are numbered on from ``totals["iters"]``, and the averages cover the whole epoch). A non-finite
+    total loss, or (without a GradScaler) non-finite gradients from a finite loss, raise
+    :class:`NonFiniteLossError` *before* the optimiser step, so the weights (and the last
+    checkpoint) stay good.
     """
     model.train()
     criterion.train()
     weight_dict = criterion.weight_dict
+    scaler = precision.scaler
     world = get_world_size()
-    total = len(loader) if hasattr(loader, "__len__") else None
-    if max_iters is not None and total is not None:
-        total = min(total, max_iters)
-    sums: dict[str, float] = defaultdict(float)
-    n_iters, n_images = 0, 0
-    t_epoch = time.perf_counter()
-    t_last = t_epoch
-    bar = tqdm(
-        loader, total=total, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True, leave=False
-    )
-    for it, (images, mask, targets) in enumerate(bar):
-        if max_iters is not None and it >= max_iters:
-            break
-        images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    sums = totals if totals is not None else {}
+    first = int(sums.get("iters", 0))
+    t_last = time.perf_counter()
+    bar = tqdm(loader, total=len(loader) if hasattr(loader, "__len__") else None, desc=f"epoch {epoch}",
+               disable=not progress, dynamic_ncols=True, leave=False)  # fmt: skip
+    for it, (images, mask, targets) in enumerate(bar, start=first):
+        images, mask = precision.images(images.to(device, non_blocking=True)), mask.to(device, non_blocking=True)
         targets = _targets_to(targets, device)
 
-        with _autocast(device, amp_dtype):
+        with precision.autocast(device):
             outputs = model(images, mask)
         loss_dict = criterion(_to_float32(outputs), targets)
         loss = weighted_loss(loss_dict, weight_dict)
@@ -284,52 +290,38 @@ def train_one_epoch(
             ema.update(model)
 
         now = time.perf_counter()
-        dt = now - t_last
-        t_last = now
+        dt, t_last = now - t_last, now
         batch_images = images.shape[0] * world
-        n_iters += 1
-        n_images += batch_images
         record = {"loss": loss_value, **weighted}
         for k in ("class_error", "cardinality_error"):
             if k in scalars:
                 record[k] = scalars[k]
         for k, v in record.items():
-            sums[k] += v
-        record.update(
-            lr=optimizer.param_groups[0]["lr"],
-            time_per_iter=dt,
-            images_per_s=batch_images / max(dt, 1e-9),
-        )
+            sums[k] = sums.get(k, 0.0) + v
+        for k, v in (("iters", 1), ("images", batch_images), ("train_time_s", dt)):
+            sums[k] = sums.get(k, 0) + v
+        record.update(lr=optimizer.param_groups[0]["lr"], time_per_iter=dt, images_per_s=batch_images / max(dt, 1e-9))
         if log is not None:
             log({"type": "iter", "epoch": epoch, "iter": it, **record})
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     bar.close()
-    elapsed = time.perf_counter() - t_epoch
-    stats = {k: v / max(n_iters, 1) for k, v in sums.items()}
-    stats.update(
-        lr=optimizer.param_groups[0]["lr"],
-        iters=n_iters,
-        images=n_images,
-        train_time_s=elapsed,
-        images_per_s=n_images / max(elapsed, 1e-9),
-    )
+    n = max(sums.get("iters", 0), 1)
+    stats = {k: v / n for k, v in sums.items() if k not in ("iters", "images", "train_time_s")}
+    stats.update(lr=optimizer.param_groups[0]["lr"], iters=int(sums.get("iters", 0)), images=int(sums.get("images", 0)),
+                 train_time_s=sums.get("train_time_s", 0.0))  # fmt: skip
+    stats["images_per_s"] = stats["images"] / max(stats["train_time_s"], 1e-9)
     return stats
 
 
 # --------------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------------
-def _xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1)
-
-
 def coco_detections(results: list[dict[str, torch.Tensor]], targets: list[dict[str, Any]]) -> dict[int, list]:
     """Post-processed predictions -> ``{image_id: [COCO result dicts]}`` (boxes as xywh pixels)."""
     out: dict[int, list] = {}
     for res, tgt in zip(results, targets):
         image_id = int(tgt["image_id"])
-        boxes = _xyxy_to_xywh(res["boxes"].float().cpu()).tolist()
+        boxes = box_convert(res["boxes"].float().cpu(), "xyxy", "xywh").tolist()
         scores = res["scores"].float().cpu().tolist()
         labels = res["labels"].cpu().tolist()
         out[image_id] = [
@@ -367,9 +359,7 @@ def evaluate(
     coco_gt,
     device: torch.device,
     criterion: nn.Module | None = None,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    max_iters: int | None = None,
+    precision: Precision = Precision(),
     progress: bool = False,
 ) -> dict[str, Any]:
     """COCO box AP of ``model`` on ``loader`` against ``coco_gt`` (the dataset's pycocotools COCO).
@@ -378,8 +368,8 @@ def evaluate(
     postprocessor, so they are compared with the untouched ground-truth annotations. Returns
     ``AP, AP50, AP75, APs, APm, APl`` (COCOeval ``stats[0:6]``; -1 = no ground truth in that
     area range), ``stats`` (all 12), ``num_images``, ``num_detections`` and, if a criterion is
-    given, the weighted validation ``loss``. Under DDP the detections of every process are
-    gathered first, so every rank returns the same numbers.
+    given, the weighted validation ``loss``. Only the images ``loader`` yields are scored. Under DDP
+    the detections of every process are gathered first, so every rank returns the same numbers.
     """
     model.eval()
     if criterion is not None:
@@ -388,14 +378,10 @@ def evaluate(
     loss_sum, loss_n = 0.0, 0
     total = len(loader) if hasattr(loader, "__len__") else None
     bar = tqdm(loader, total=total, desc="eval", disable=not progress, dynamic_ncols=True, leave=False)
-    for it, (images, mask, targets) in enumerate(bar):
-        if max_iters is not None and it >= max_iters:
-            break
-        images, mask = images.to(device), mask.to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    for images, mask, targets in bar:
+        images, mask = precision.images(images.to(device)), mask.to(device)
         targets = _targets_to(targets, device)
-        with _autocast(device, amp_dtype):
+        with precision.autocast(device):
             outputs = model(images, mask)
         outputs = _to_float32(outputs)
         if criterion is not None:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader, Subset
 
 from detr_lite.config import Config, DataConfig
 from detr_lite.engine import evaluate
@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from detr_lite.checkpoint import load_checkpoint, read_checkpoint
-    from detr_lite.data.coco import build_dataset, collate_fn, validate_coco_folder
+    from detr_lite.checkpoint import model_from_checkpoint, read_checkpoint
+    from detr_lite.data.coco import build_dataset, collate_fn
     from detr_lite.models import build_criterion, build_postprocessor
 
     if args.threads is not None:
@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> dict:
     if not Path(args.checkpoint).is_file():
         raise ValueError(f"--checkpoint {args.checkpoint}: file not found")
 
-    # the config first (cheap), then validate the data, then build the model
+    # the config first (cheap), then the data (read and checked once), then the model
+    ckpt = None
     if args.official_arch:
         from detr_lite.official import official_config
 
@@ -81,7 +82,6 @@ def run(args: argparse.Namespace) -> dict:
                 "pass --official-arch detr_r50 (or another arch) and --data"
             )
         cfg = Config.from_dict(ckpt["config"])
-        del ckpt
     if args.data:
         cfg.data.root = args.data
     for name in ("val_size", "val_max_size"):
@@ -93,36 +93,22 @@ def run(args: argparse.Namespace) -> dict:
     if cfg.data.val_max_size < cfg.data.val_size:
         raise ValueError(f"--val-max-size {cfg.data.val_max_size} is below --val-size {cfg.data.val_size}")
     split = args.split or cfg.data.val_split
-    validate_coco_folder(cfg.data.root, split)
+    dataset = build_dataset(cfg.data.root, split, cfg.data, train=False)
 
     if args.official_arch:
         from detr_lite.official import load_official_checkpoint
 
         model = load_official_checkpoint(args.checkpoint, arch=args.official_arch)
     else:
-        model, _, _ = load_checkpoint(args.checkpoint)
+        model, _ = model_from_checkpoint(ckpt, str(args.checkpoint))
     model.to(device).eval()
     criterion = build_criterion(cfg.model).to(device)
     postprocessor = build_postprocessor(cfg.model)
 
-    dataset = build_dataset(cfg.data.root, split, cfg.data, train=False)
-    loader = DataLoader(
-        dataset,
-        batch_size=args.batch_size or cfg.train.val_batch_size,
-        sampler=SequentialSampler(dataset),
-        collate_fn=collate_fn,
-        num_workers=args.num_workers,
-    )
-    metrics = evaluate(
-        model,
-        postprocessor,
-        loader,
-        dataset.coco,
-        device,
-        criterion=criterion,
-        max_iters=args.max_iters,
-        progress=not args.no_progress,
-    )
+    batch_size = args.batch_size or cfg.train.val_batch_size
+    images = dataset if args.max_iters is None else Subset(dataset, range(min(len(dataset), args.max_iters * batch_size)))
+    loader = DataLoader(images, batch_size=batch_size, collate_fn=collate_fn, num_workers=args.num_workers)
+    metrics = evaluate(model, postprocessor, loader, dataset.coco, device, criterion=criterion, progress=not args.no_progress)
     title = (
         f"COCO bbox AP of {args.checkpoint} on {cfg.data.root}/{split} "
         f"({metrics['num_images']} images at short side {cfg.data.val_size}, {metrics['num_detections']} detections):"

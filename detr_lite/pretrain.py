@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from detr_lite.backbone import _STAGES, Backbone
+from detr_lite.checkpoint import backbone_provenance, load_backbone_weights  # noqa: F401 (notebook 06's names)
 from detr_lite.config import Config
 from detr_lite.utils import seed_everything
 
@@ -145,6 +145,7 @@ def pretrain_backbone(
     progress: bool = True,
     layer: str | None = None,
     val_every: int = 1,
+    datasets: tuple | None = None,
 ) -> tuple[Backbone, list[dict[str, float]]]:
     """Train ``cfg``'s backbone (from scratch, all stages) on the pretext for ``epochs`` passes over the
     training split, with the toy training augmentation; returns the backbone and per-epoch metrics
@@ -152,8 +153,9 @@ def pretrain_backbone(
     ``layer``: the stage the dense head sits on (default: the last of ``cfg.model.backbone_layers``); a
     DETR cut earlier loads this trunk's stages up to its own last one (``load_backbone_weights``).
     ``val_every``: the val losses are computed every that many epochs and after the last (they
-    never change the weights: every epoch reseeds the RNGs)."""
-    from detr_lite.train import build_loaders
+    never change the weights: every epoch reseeds the RNGs). ``datasets``: the (train, val) splits,
+    if already built (default: read from ``cfg.data``)."""
+    from detr_lite.data.loaders import build_loaders
 
     model_cfg = cfg.model
     layers = (layer,) if layer else (tuple(model_cfg.backbone_layers) or ("layer4",))[-1:]
@@ -164,7 +166,8 @@ def pretrain_backbone(
     head = DenseHead(backbone.num_channels[-1], model_cfg.num_classes)
     params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4, foreach=True)  # = the CPU loop's weights, faster
-    _, _, train_loader, val_loader, batches, _ = build_loaders(cfg)
+    loaders = build_loaders(cfg, datasets)
+    train_loader, val_loader, batches = loaders.train, loaders.val, loaders.batches
     history = []
     for epoch in range(epochs):
         # every RNG the augmentation draws from (RandomSizeCrop uses Python's random, as the official
@@ -212,60 +215,6 @@ def pretrain_backbone(
     return backbone, history
 
 
-def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> str:
-    """Load the ``backbone.*`` tensors of ``path`` (a pretrain checkpoint, or any DETR checkpoint) into
-    ``model.backbone``; any missing or differently shaped backbone tensor is a one-line error. Stages after
-    this backbone's last one (a trunk pretrained deeper than the DETR's cut) are left out and counted in
-    the returned message."""
-    from detr_lite.checkpoint import describe_mismatch, read_checkpoint, state_dict_mismatch
-
-    ckpt = read_checkpoint(path)
-    sd = {k[len("backbone.") :]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
-    if not sd:
-        raise ValueError(f"--backbone-weights {path}: no 'backbone.*' tensors in its 'model' state dict")
-    own = model.backbone.state_dict()
-    # a trunk pretrained deeper than this backbone's cut (the pretext through layer3, a DETR on layer2):
-    # the stages after this backbone's last one are not part of it (IntermediateLayerGetter drops them)
-    def stage(key: str) -> str:  # "body.layer2.0.conv1.weight" -> "layer2"
-        parts = key.split(".")
-        return parts[1] if len(parts) > 2 and parts[0] == "body" else ""
-
-    last = max((_STAGES.index(stage(k)) for k in own if stage(k) in _STAGES), default=len(_STAGES) - 1)
-    unused = [k for k in sd if stage(k) in _STAGES[last + 1 :]]
-    sd = {k: v for k, v in sd.items() if k not in unused}
-    # trainable BatchNorm counts its batches; FrozenBatchNorm2d (same other buffers) has no counter
-    sd = {k: v for k, v in sd.items() if k in own or not k.endswith("num_batches_tracked")}
-    missing, unexpected, mismatched = state_dict_mismatch(model.backbone, sd)
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"--backbone-weights {path}: does not fit this backbone: "
-            f"{describe_mismatch(missing, unexpected, mismatched)}"
-        )
-    model.backbone.load_state_dict(
-        {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    )
-    msg = f"loaded backbone weights from {path} ({len(sd)} tensors)"
-    if unused:
-        stages = sorted({stage(k) for k in unused}, key=_STAGES.index)
-        msg += f"; {len(unused)} tensors of {', '.join(stages)} not used (this backbone stops after {_STAGES[last]})"
-    return msg
-
-
-def backbone_provenance(path: str | os.PathLike) -> dict[str, Any]:
-    """Where a ``--backbone-weights`` file came from (its path and, for a pretrain checkpoint, the command,
-    epochs, wall time and last epoch's pretext losses), to be kept in the trained checkpoint's meta."""
-    from detr_lite.checkpoint import read_checkpoint
-
-    meta = read_checkpoint(path).get("meta", {})
-    out: dict[str, Any] = {"path": str(path)}
-    for key in ("command", "epochs", "lr", "lr_drop", "pretrain_wall_time_s", "pretext"):
-        if key in meta:
-            out[key] = meta[key]
-    if meta.get("history"):
-        out["last_epoch"] = meta["history"][-1]
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m detr_lite.pretrain",
@@ -300,9 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from detr_lite.checkpoint import save_checkpoint
-    from detr_lite.data.coco import validate_coco_folder
+    from detr_lite.config import load_config
+    from detr_lite.data.coco import build_datasets, resolve_num_classes
     from detr_lite.monitor import write_json_atomic
-    from detr_lite.train import load_config, resolve_num_classes
 
     if args.epochs < 1:
         raise ValueError(f"--epochs: expected >= 1, got {args.epochs}")
@@ -321,15 +270,14 @@ def run(args: argparse.Namespace) -> int:
         cfg.train.batch_size = args.batch_size
     if cfg.model.arch != "detr":
         raise ValueError(f"--config {args.config}: pretraining supports arch 'detr', got {cfg.model.arch!r}")
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        validate_coco_folder(cfg.data.root, split)
+    datasets = build_datasets(cfg.data)
     cut = (tuple(cfg.model.backbone_layers) or ("layer4",))[-1]
     if args.layer is not None and _STAGES.index(args.layer) < _STAGES.index(cut):
         raise ValueError(
             f"--layer {args.layer}: shallower than the config's backbone, which goes up to {cut}; "
             f"DETR would find its {cut} untrained"
         )
-    resolve_num_classes(cfg, None)
+    cfg.model.num_classes = resolve_num_classes(datasets[0])
     out = Path(args.output)
     seed_everything(cfg.train.seed)
     t0 = time.perf_counter()
@@ -355,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
         lr_drop=args.lr_drop,
         layer=args.layer,
         val_every=args.val_every,
+        datasets=datasets,
     )
     wall = time.perf_counter() - t0
     holder = nn.Module()

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from detr_lite.checkpoint import load_checkpoint
 from detr_lite.data.coco import build_dataset, collate_fn
 from detr_lite.deformable.msda import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
-from detr_lite.engine import amp_dtype_for, evaluate
+from detr_lite.engine import Precision, amp_dtype_for, evaluate
 from detr_lite.models import build_postprocessor
 from detr_lite.utils import AP_KEYS, read_jsonl
 from tests.test_msda import _count_core_calls, _module_inputs, random_inputs
@@ -115,7 +115,7 @@ def _shipped_val_ap(device: torch.device, amp: bool = False) -> tuple[dict, dict
             loader,
             val.coco,
             device,
-            amp_dtype=amp_dtype_for(device, amp),
+            precision=Precision(amp_dtype_for(device, amp)),
         )
     logged = [m for m in ckpt["metrics"] if "AP" in m][-1]
     return live, logged

@@ -131,6 +131,19 @@ def num_classes_from_coco(coco: COCO) -> int:
     return max(coco.getCatIds()) + 1
 
 
+def resolve_num_classes(dataset: CocoDetectionDETR, fixed: int | None = None) -> int:
+    """``num_classes`` for a model trained on ``dataset``: its max category id + 1, or ``fixed``
+    (``--num-classes``) after checking that it covers every id."""
+    ids = dataset.coco.getCatIds()
+    if not ids:
+        raise ValueError(f"{dataset.ann_file}: lists no categories")
+    if fixed is not None and max(ids) >= fixed:
+        raise ValueError(
+            f"--num-classes {fixed}: the dataset has category id {max(ids)}; expected num_classes >= {max(ids) + 1}"
+        )
+    return fixed if fixed is not None else max(ids) + 1
+
+
 # --------------------------------------------------------------------------------------------
 # Image loading: any PIL mode -> RGB uint8
 # --------------------------------------------------------------------------------------------
@@ -268,7 +281,8 @@ def _coco_from_dict(data: dict) -> COCO:
 
 
 def build_dataset(root: str | Path, split: str, cfg: DataConfig, train: bool) -> CocoDetectionDETR:
-    """Validated COCO split under ``root`` with the train/val transforms of ``cfg``."""
+    """Validated COCO split under ``root`` with the train/val transforms of ``cfg`` (its annotation
+    file is read once: the dataset is built from the validated dict)."""
     data = validate_coco_folder(root, split)
     return CocoDetectionDETR(
         Path(root) / split,
@@ -276,6 +290,11 @@ def build_dataset(root: str | Path, split: str, cfg: DataConfig, train: bool) ->
         transforms=build_transforms(cfg, train),
         ann_file=str(annotation_path(root, split)),
     )
+
+
+def build_datasets(cfg: DataConfig) -> tuple[CocoDetectionDETR, CocoDetectionDETR]:
+    """The training and validation splits of ``cfg.root`` (train and val transforms)."""
+    return build_dataset(cfg.root, cfg.train_split, cfg, train=True), build_dataset(cfg.root, cfg.val_split, cfg, train=False)
 
 
 # --------------------------------------------------------------------------------------------
