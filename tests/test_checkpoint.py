@@ -18,10 +18,10 @@ from detr_lite.checkpoint import load_checkpoint, read_checkpoint, save_checkpoi
 from detr_lite.config import Config
 from detr_lite.models import build_model
 from detr_lite.utils import get_rng_state, set_rng_state
-from tests.test_train_cli import tiny_model_cfg
+from tests.helpers import tiny_model_cfg
 
 
-def tiny_config(**model_overrides) -> Config:
+def checkpoint_cfg(**model_overrides) -> Config:
     m = dict(dec_layers=1, dropout=0.0, num_queries=5)
     m.update(model_overrides)
     return Config(name="tiny", model=tiny_model_cfg(**m))
@@ -30,7 +30,7 @@ def tiny_config(**model_overrides) -> Config:
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    cfg = tiny_config()
+    cfg = checkpoint_cfg()
     return cfg, build_model(cfg.model).eval()
 
 
@@ -118,6 +118,7 @@ def test_crash_while_writing_keeps_old_checkpoint(tiny, tmp_path, monkeypatch):
     assert _listing(tmp_path) == ["checkpoint.pt"]
 
 
+@pytest.mark.slow
 def test_kill_9_during_repeated_saves_leaves_a_loadable_file(tmp_path):
     """A process saving in a loop is SIGKILLed at a random moment; the file must still load."""
     path = tmp_path / "checkpoint.pt"
@@ -148,7 +149,7 @@ def test_wrong_architecture_names_the_keys(tiny, tmp_path):
     cfg, model = tiny
     path = tmp_path / "ck.pt"
     save_checkpoint(path, model, cfg)
-    other = build_model(tiny_config(hidden_dim=48, num_queries=7, enc_layers=2).model)
+    other = build_model(checkpoint_cfg(hidden_dim=48, num_queries=7, enc_layers=2).model)
     with pytest.raises(ValueError) as err:
         load_checkpoint(path, model=other)
     msg = str(err.value)

@@ -14,7 +14,8 @@ from torchvision.ops import box_convert
 from detr_lite.config import DataConfig, get_config
 from detr_lite.data.coco import build_dataset, collate_fn, load_rgb, validate_coco_folder
 from detr_lite.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from tests.test_train_cli import one_thread  # noqa: F401 (autouse fixture: tiny tensors, thread overhead)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1] / "data" / "shapes"
 MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]

@@ -12,11 +12,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from detr_lite.coco_fixture import FIXTURE_CATEGORIES, make_coco_fixture
 from detr_lite.config import get_config
 from detr_lite.data.coco import build_dataset, collate_fn, num_classes_from_coco, validate_coco_folder
 from detr_lite.engine import coco_bbox_eval
-from tests.test_train_cli import SHIPPED_DETR
+from tests.coco_fixture import FIXTURE_CATEGORIES, make_coco_fixture
+from tests.helpers import SHIPPED_DETR
 
 IDS = [cid for cid, _, _ in FIXTURE_CATEGORIES]
 
@@ -137,6 +137,7 @@ def test_cocoeval_ignores_crowd_regions(fixture_root):
     assert coco_bbox_eval(coco, [*dets, extra], coco.getImgIds())["AP"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_train_cli_derives_91_classes(fixture_root, tmp_path):
     from detr_lite.train import main as train_main
 

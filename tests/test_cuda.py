@@ -19,9 +19,10 @@ from detr_lite.data.coco import build_dataset, collate_fn
 from detr_lite.deformable.msda import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
 from detr_lite.engine import Precision, amp_dtype_for, evaluate
 from detr_lite.models import build_postprocessor
-from detr_lite.utils import AP_KEYS, read_jsonl
+from detr_lite.monitor import read_jsonl
+from detr_lite.utils import AP_KEYS
+from tests.helpers import run_cli, train_main, write_tiny_config
 from tests.test_msda import _count_core_calls, _module_inputs, random_inputs
-from tests.test_train_cli import make_tiny_coco, run_cli, train_main, write_tiny_config
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu/run_checks.sh runs these)"
@@ -132,11 +133,6 @@ def test_shipped_detr_on_cuda_scores_its_logged_ap():
     diffs = {k: round(abs(amp[k] - fp32[k]), 4) for k in AP_KEYS}
     print("cuda autocast vs fp32:", diffs)
     assert max(diffs.values()) < 0.02, diffs
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return make_tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
 
 
 def _check_run(out: Path, epochs: int) -> list[dict]:

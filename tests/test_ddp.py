@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from detr_lite.checkpoint import load_checkpoint
-from detr_lite.utils import read_jsonl
-from tests.test_train_cli import REPO, make_tiny_coco, write_tiny_config
+from detr_lite.monitor import read_jsonl
+from tests.helpers import REPO, make_tiny_coco, write_tiny_config
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     root = make_tiny_coco(tmp_path / "data", n_train=8, n_val=3)  # 3 val images: one rank gets a padded copy
     cfg = write_tiny_config(tmp_path / "tiny.json", root)

@@ -12,29 +12,18 @@ from detr_lite.config import ModelConfig, get_config
 from detr_lite.deformable.model import DeformableDETR, PostProcess
 from detr_lite.deformable.transformer import DeformableTransformerEncoder, inverse_sigmoid
 from detr_lite.models import build_criterion, build_model, build_postprocessor
+from tests.helpers import tiny_model_cfg
 
 B, H, W = 2, 128, 160
 
 
-def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(
-        arch="deformable_detr",
-        num_classes=5,
-        backbone="resnet18",
-        frozen_bn=False,
-        hidden_dim=64,
-        nheads=4,
-        enc_layers=2,
-        dec_layers=2,
-        dim_feedforward=128,
-        dropout=0.0,
-        num_queries=12,
-        num_feature_levels=4,
-        enc_n_points=2,
-        dec_n_points=3,
-    )
-    base.update(kw)
-    return ModelConfig(**base)
+# the sizes the checks below expect: 4 levels, 12 queries, 5 classes (focal: no no-object logit)
+SIZES = dict(arch="deformable_detr", num_classes=5, hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2,
+             dim_feedforward=128, dropout=0.0, num_queries=12, num_feature_levels=4, enc_n_points=2, dec_n_points=3)  # fmt: skip
+
+
+def model_cfg(**kw) -> ModelConfig:
+    return tiny_model_cfg(**{**SIZES, **kw})
 
 
 def batch(seed=0):
@@ -57,7 +46,7 @@ def targets():
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return DeformableDETR(tiny_cfg()).eval()
+    return DeformableDETR(model_cfg()).eval()
 
 
 def test_stage_shapes(model):
@@ -147,7 +136,7 @@ def test_batch_elements_are_independent(model):
 
 
 def test_fast_and_reference_msda_give_the_same_model(model):
-    ref_model = DeformableDETR(tiny_cfg(), implementation="reference").eval()
+    ref_model = DeformableDETR(model_cfg(), implementation="reference").eval()
     ref_model.load_state_dict(model.state_dict())
     images, mask = batch()
     with torch.no_grad():
@@ -162,7 +151,7 @@ def test_fast_and_reference_msda_give_the_same_model(model):
 )
 def test_variants_forward_backward(refine, two_stage, levels):
     torch.manual_seed(0)
-    cfg = tiny_cfg(with_box_refine=refine, two_stage=two_stage, num_feature_levels=levels)
+    cfg = model_cfg(with_box_refine=refine, two_stage=two_stage, num_feature_levels=levels)
     model = build_model(cfg).train()
     criterion = build_criterion(cfg)
     images, mask = batch()
@@ -197,7 +186,7 @@ def test_variants_forward_backward(refine, two_stage, levels):
 
 def test_refinement_detaches_reference_points():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(with_box_refine=True)).train()
+    model = build_model(model_cfg(with_box_refine=True)).train()
     images, mask = batch()
     srcs, masks, pos = model.build_pyramid(images, mask)
     t = model.transformer(
@@ -233,7 +222,7 @@ def test_postprocess_top_k_over_queries_and_classes():
     # fewer than 100 (query, class) pairs: keep all of them
     small = PostProcess()({"pred_logits": logits[:, :10], "pred_boxes": boxes[:, :10]}, sizes)
     assert small[0]["scores"].shape == (50,)
-    assert isinstance(build_postprocessor(tiny_cfg()), PostProcess)
+    assert isinstance(build_postprocessor(model_cfg()), PostProcess)
     with pytest.raises(ValueError, match="target_sizes: expected shape \\(B, 2\\)"):
         PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([100, 200]))
 
@@ -252,7 +241,7 @@ def test_input_errors(model):
     with pytest.raises(ValueError, match="expected 4 levels of srcs/masks/pos_embeds, got 3/3/3"):
         model.transformer(srcs[:3], masks[:3], pos[:3], query_embed=model.query_embed.weight)
     with pytest.raises(ValueError, match="hidden_dim: GroupNorm\\(32, d\\) needs d % 32 == 0, got 48"):
-        DeformableDETR(tiny_cfg(hidden_dim=48))
+        DeformableDETR(model_cfg(hidden_dim=48))
 
 
 def test_presets_build():

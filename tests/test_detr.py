@@ -11,27 +11,20 @@ import torch
 from detr_lite.config import ModelConfig, get_config
 from detr_lite.detr import DETR, MLP, PostProcess
 from detr_lite.models import build_model, build_postprocessor
+from tests.helpers import tiny_model_cfg
+
+# the sizes the shape checks below expect (7 queries, 5 classes + no-object, 3 decoder layers)
+SIZES = dict(num_classes=5, nheads=4, enc_layers=2, dec_layers=3, num_queries=7, frozen_bn=True)
 
 
-def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(
-        backbone="resnet18",
-        num_classes=5,
-        hidden_dim=32,
-        nheads=4,
-        enc_layers=2,
-        dec_layers=3,
-        dim_feedforward=64,
-        num_queries=7,
-    )
-    base.update(kw)
-    return ModelConfig(**base)
+def model_cfg(**kw) -> ModelConfig:
+    return tiny_model_cfg(**{**SIZES, **kw})
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return DETR(tiny_cfg()).eval()
+    return DETR(model_cfg()).eval()
 
 
 def test_r50_shapes_end_to_end():
@@ -76,12 +69,12 @@ def test_outputs_contract(tiny):
     # padding image 1 leaves image 0 untouched (no batch-dependent op) but changes image 1
     torch.testing.assert_close(out["pred_logits"][0], unmasked["pred_logits"][0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out["pred_logits"][1], unmasked["pred_logits"][1])
-    assert "aux_outputs" not in DETR(tiny_cfg(aux_loss=False)).eval()(images)
+    assert "aux_outputs" not in DETR(model_cfg(aux_loss=False)).eval()(images)
 
 
 def test_gradients_reach_heads_transformer_and_layer2_to_4_only():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg())
+    model = build_model(model_cfg())
     model.train()
     out = model(torch.randn(2, 3, 64, 64))
     loss = out["pred_logits"].square().mean() + out["pred_boxes"].sum()
@@ -126,7 +119,7 @@ def test_postprocess():
     )
     with pytest.raises(ValueError, match=r"target_sizes: expected shape \(B, 2\) = \(1, 2\)"):
         PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([100, 200]))
-    assert isinstance(build_postprocessor(tiny_cfg()), PostProcess)
+    assert isinstance(build_postprocessor(model_cfg()), PostProcess)
 
 
 def test_shapes_preset_builds_and_runs():

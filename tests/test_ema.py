@@ -11,14 +11,11 @@ from torch import nn
 
 from detr_lite.checkpoint import export_checkpoint, load_checkpoint, read_checkpoint
 from detr_lite.engine import ModelEma
-from detr_lite.utils import AP_KEYS, read_jsonl
-from tests.test_train_cli import (
-    _iter_losses,
-    assert_config_error,
-    one_thread,  # noqa: F401 (autouse fixture: one intra-op thread)
-    tiny_cfg,
-    train_main,
-)
+from detr_lite.monitor import read_jsonl
+from detr_lite.utils import AP_KEYS
+from tests.helpers import assert_config_error, iter_losses, tiny_cfg, train_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ema_config(path, root, **train):
@@ -85,6 +82,7 @@ def test_update_lists_tensors_once_and_follows_loads_and_new_models():
     assert torch.equal(ema.module[1].running_var, other[1].running_var)
 
 
+@pytest.mark.slow
 def test_training_with_ema_checkpoints_and_evaluates_the_average(tmp_path, tiny_data, capsys):
     config = _ema_config(tmp_path / "ema.json", tiny_data, ema_decay=0.5)
     out = tmp_path / "run"
@@ -116,6 +114,7 @@ def test_training_with_ema_checkpoints_and_evaluates_the_average(tmp_path, tiny_
     assert not model.training
 
 
+@pytest.mark.slow
 def test_resume_with_ema_is_exact(tmp_path, tiny_data):
     config = _ema_config(tmp_path / "ema.json", tiny_data, ema_decay=0.7)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -123,13 +122,14 @@ def test_resume_with_ema_is_exact(tmp_path, tiny_data):
     assert train_main(*common, "--epochs", "2", "--output", str(straight)) == 0
     assert train_main(*common, "--epochs", "1", "--output", str(resumed)) == 0
     assert train_main(*common, "--epochs", "2", "--output", str(resumed), "--resume") == 0
-    assert _iter_losses(straight) == _iter_losses(resumed)
+    assert iter_losses(straight) == iter_losses(resumed)
     a, b = read_checkpoint(straight / "checkpoint.pt"), read_checkpoint(resumed / "checkpoint.pt")
     for key in ("model", "model_train"):
         for k, v in a[key].items():
             assert torch.equal(v, b[key][k]), (key, k)
 
 
+@pytest.mark.slow
 def test_ema_off_by_default_keeps_the_plain_checkpoint(tmp_path, tiny_data):
     config = _ema_config(tmp_path / "plain.json", tiny_data, epochs=1)
     out = tmp_path / "run"
@@ -151,6 +151,7 @@ def test_bad_ema_decay_is_a_one_line_error_before_training(tmp_path, tiny_data, 
     assert_config_error(tmp_path, tiny_data, capsys, message, train=train)
 
 
+@pytest.mark.slow
 def test_ema_decay_flag_sets_the_config(tmp_path, tiny_data, capsys):
     config = _ema_config(tmp_path / "plain.json", tiny_data, epochs=1)
     out = tmp_path / "run"

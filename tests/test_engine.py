@@ -20,7 +20,9 @@ from detr_lite.engine import (
     train_one_epoch,
 )
 from detr_lite.models import build_criterion, build_model
-from tests.test_train_cli import make_tiny_coco, one_thread, tiny_cfg  # noqa: F401 (autouse fixture)
+from tests.helpers import make_tiny_coco, tiny_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,7 @@ def test_param_groups_follow_the_official_keywords():
     assert lrs == pytest.approx([2e-4, 2e-4, 2e-4, 2e-5, 2e-5])
 
 
+@pytest.mark.slow
 def test_optimizer_is_multi_tensor_and_bit_identical_to_the_per_tensor_loop(tiny):
     """build_optimizer asks for AdamW's multi-tensor path (on CPU torch would pick the per-parameter
     Python loop); both give the same weights, bit for bit, so shipped runs stay reproducible."""
@@ -118,6 +121,7 @@ def _loader(cfg, split="train2017", train=True, batch_size=2):
     return ds, DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
 
 
+@pytest.mark.slow
 def test_train_one_epoch_logs_and_learns(tiny):
     torch.manual_seed(0)
     model, criterion = build_model(tiny.model), build_criterion(tiny.model)

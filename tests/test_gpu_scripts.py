@@ -22,6 +22,7 @@ def _load(path: Path):
     return module
 
 
+@pytest.mark.slow
 def test_bench_coco_step_smoke_run_on_cpu():
     r = subprocess.run(
         [sys.executable, "benchmarks/bench_coco_step.py", "--device", "cpu", "--arch", "detr", "--batch", "1",
@@ -34,7 +35,7 @@ def test_bench_coco_step_smoke_run_on_cpu():
     assert set(rows) == {"fp32", "bf16", "bf16 + channels_last"}, r.stdout
     for line in rows.values():  # ms/step, images/s, (nan peak on CPU), ratio, hours: all numbers
         ms, ips = (float(x) for x in re.findall(r"\d+\.\d+", line)[:2])
-        assert ms > 0 and ips > 0
+        assert ms > 0 and ips >= 0  # a busy CPU can take seconds per step: "0.0" images/s
     assert rows["fp32"].rstrip().split()[-2] == "1.00x"
 
 

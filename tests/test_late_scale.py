@@ -12,15 +12,10 @@ import torch
 from detr_lite.config import DataConfig, get_config
 from detr_lite.data.coco import build_dataset
 from detr_lite.data.transforms import build_transforms, scaled_sizes
-from detr_lite.utils import read_jsonl
-from tests.test_train_cli import (
-    SHAPES,
-    _iter_losses,
-    assert_config_error,
-    one_thread,  # noqa: F401 (autouse fixture: one intra-op thread)
-    tiny_cfg,
-    train_main,
-)
+from detr_lite.monitor import read_jsonl
+from tests.helpers import SHAPES, assert_config_error, iter_losses, tiny_cfg, train_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_scaled_sizes_multiply_every_training_size():
@@ -87,6 +82,7 @@ def _late_config(path, root, **data):
     return path
 
 
+@pytest.mark.slow
 def test_late_scale_switch_is_logged_and_resume_across_it_is_exact(tmp_path, tiny_data, capsys):
     config = _late_config(tmp_path / "late.json", tiny_data, late_scale=1.5, late_scale_after=1)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -100,12 +96,12 @@ def test_late_scale_switch_is_logged_and_resume_across_it_is_exact(tmp_path, tin
     assert train_main(*common, "--epochs", "1", "--output", str(resumed)) == 0
     assert train_main(*common, "--epochs", "3", "--output", str(resumed), "--resume") == 0
     assert "training sizes x1.5" in capsys.readouterr().out
-    assert _iter_losses(straight) == _iter_losses(resumed)
+    assert iter_losses(straight) == iter_losses(resumed)
     # the larger images really were used: the same data at x1 gives other losses from epoch 2 on
     small = _late_config(tmp_path / "small.json", tiny_data)  # late_scale 1.0
     assert train_main("--config", str(small), "--no-progress", "--device", "cpu", "--epochs", "2",
                       "--output", str(tmp_path / "x1")) == 0  # fmt: skip
-    a, b = _iter_losses(straight), _iter_losses(tmp_path / "x1")
+    a, b = iter_losses(straight), iter_losses(tmp_path / "x1")
     assert [x for x in a if x[0] == 0] == [x for x in b if x[0] == 0]  # epoch 1 identical
     assert [x for x in a if x[0] == 1] != [x for x in b if x[0] == 1]  # epoch 2 differs
 

@@ -115,6 +115,7 @@ def test_official_configs():
     assert official_config("deformable_detr_r50_refine").with_box_refine
 
 
+@pytest.mark.slow
 def test_decoder_head_copies_are_checked_and_dropped(fixture_data):
     keys, _ = fixture_data
     _, state = _load("deformable_detr_r50_refine", keys)

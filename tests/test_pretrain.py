@@ -12,7 +12,9 @@ from detr_lite.checkpoint import read_checkpoint
 from detr_lite.models import build_model
 from detr_lite.pretrain import DenseHead, dense_targets, load_backbone_weights, pretext_loss
 from detr_lite.pretrain import main as pretrain_main
-from tests.test_train_cli import make_tiny_coco, one_thread, tiny_cfg, train_main  # noqa: F401
+from tests.helpers import make_tiny_coco, tiny_cfg, train_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 K = 6
 
@@ -93,6 +95,7 @@ def tiny(tmp_path_factory):
     return root, path, frozen_path
 
 
+@pytest.mark.slow
 def test_pretrain_cli_then_train_with_frozen_backbone(tmp_path, tiny, capsys):
     root, cfg_path, frozen_path = tiny
     bb = tmp_path / "bb" / "backbone.pt"
@@ -207,6 +210,7 @@ def test_pretext_deeper_than_the_detr_cut(tmp_path, tiny, capsys):
         load_backbone_weights(deep_model, shallow)
 
 
+@pytest.mark.slow
 def test_pretrain_is_reproducible(tmp_path, tiny, capsys):
     """Same config and seed -> the same backbone, bit for bit (every RNG of the augmentation is seeded:
     the random crop draws from Python's ``random``, the rest from torch), however often the val losses

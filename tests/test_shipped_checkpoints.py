@@ -33,6 +33,7 @@ def two_threads():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_checkpoint_reproduces_its_logged_ap(name):
     model, cfg, ckpt = load_checkpoint(CKPTS / name)

@@ -1,143 +1,25 @@
-"""The training / evaluation CLIs end to end on a tiny subset of the bundled data.
-
-Helpers here (``make_tiny_coco``, ``tiny_model_cfg``, ``tiny_cfg``, ``write_tiny_config``,
-``assert_config_error``, the ``one_thread`` fixture; ``tiny_data`` is in conftest.py) are reused by test_ddp.py, test_engine.py, test_checkpoint.py and
-test_coco_data.py.
-"""
+"""The training / evaluation CLIs end to end on a tiny subset of the bundled data: outputs, exact
+resume (after an epoch and mid-epoch), a kill -9, errors that stop a run before it starts."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from detr_lite.checkpoint import load_checkpoint, read_checkpoint
-from detr_lite.config import Config, DataConfig, ModelConfig, TrainConfig
-from detr_lite.utils import AP_KEYS, read_jsonl
+from detr_lite.config import Config
+from detr_lite.monitor import read_jsonl
+from detr_lite.utils import AP_KEYS
+from tests.helpers import SHIPPED_DETR, make_tiny_coco, run_cli, tiny_cfg, train_main
 
-REPO = Path(__file__).resolve().parents[1]
-SHAPES = REPO / "data" / "shapes"
-SHIPPED_DETR = REPO / "data" / "checkpoints" / "detr_shapes.pt"
-
-
-def make_tiny_coco(dst: Path, n_train: int = 8, n_val: int = 4, id_map: dict[int, int] | None = None) -> Path:
-    """Copy the first images (with objects) of each bundled split + their annotations into ``dst``."""
-    for split, n in (("train2017", n_train), ("val2017", n_val)):
-        data = json.loads((SHAPES / "annotations" / f"instances_{split}.json").read_text())
-        with_objects = {a["image_id"] for a in data["annotations"]}
-        images = [im for im in data["images"] if im["id"] in with_objects][:n]
-        keep = {im["id"] for im in images}
-        anns = [a for a in data["annotations"] if a["image_id"] in keep]
-        cats = data["categories"]
-        if id_map:
-            cats = [{**c, "id": id_map[c["id"]]} for c in cats]
-            anns = [{**a, "category_id": id_map[a["category_id"]]} for a in anns]
-        (dst / split).mkdir(parents=True, exist_ok=True)
-        for im in images:
-            shutil.copy(SHAPES / split / im["file_name"], dst / split / im["file_name"])
-        (dst / "annotations").mkdir(parents=True, exist_ok=True)
-        out = {**data, "images": images, "annotations": anns, "categories": cats}
-        (dst / "annotations" / f"instances_{split}.json").write_text(json.dumps(out))
-    return dst
-
-
-def tiny_model_cfg(**overrides) -> ModelConfig:
-    """A DETR small enough to train a few iterations in about a second on a CPU."""
-    m = dict(
-        num_classes=6,
-        backbone="resnet18",
-        frozen_bn=False,
-        hidden_dim=32,
-        nheads=2,
-        enc_layers=1,
-        dec_layers=2,
-        dim_feedforward=64,
-        dropout=0.1,  # dropout on: resume must restore the RNG too
-        num_queries=6,
-    )
-    m.update(overrides)
-    return ModelConfig(**m)
-
-
-def tiny_cfg(root: Path, **train) -> Config:
-    """:func:`tiny_model_cfg` + tiny images from ``root``."""
-    model = tiny_model_cfg()
-    data = DataConfig(
-        root=str(root),
-        train_scales=(56, 64, 72),
-        train_max_size=96,
-        crop_resize_scales=(64, 72),
-        crop_size=(48, 64),
-        val_size=64,
-        val_max_size=96,
-        num_workers=0,
-    )
-    t = dict(lr=1e-4, lr_backbone=1e-4, epochs=2, lr_drop=100, batch_size=2, seed=7)
-    t.update(train)
-    return Config(name="tiny", model=model, data=data, train=TrainConfig(**t))
-
-
-def write_tiny_config(path: Path, root: Path, **train) -> Path:
-    path.write_text(json.dumps(tiny_cfg(root, **train).to_dict()))
-    return path
-
-
-def run_cli(*args: str, module: str = "detr_lite.train", timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},  # a busy shared CPU: 2 threads/process thrash
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def assert_config_error(tmp_path: Path, root: Path, capsys, message: str, **sections: dict) -> None:
-    """A tiny config with ``sections`` (e.g. ``train={...}``) merged in fails with one stderr line holding
-    ``message`` (exit code 2), before any checkpoint is written."""
-    cfg = tiny_cfg(root).to_dict()
-    for name, values in sections.items():
-        cfg[name].update(values)
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(cfg))
-    out = tmp_path / "run"
-    assert train_main("--config", str(path), "--no-progress", "--output", str(out)) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
-    assert not (out / "checkpoint.pt").exists()
-
-
-def train_main(*args: str) -> int:
-    """``python -m detr_lite.train ARGS`` in this process (saves the interpreter start-up)."""
-    from detr_lite import train
-
-    return train.main(list(args))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy shared CPU two threads per process thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory, tiny_data) -> Path:
-    return write_tiny_config(tmp_path_factory.mktemp("cfg") / "tiny.json", tiny_data)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_smoke_train_then_evaluate(tmp_path, tiny_data):
     """The real detr-shapes preset (backbone from the shipped checkpoint, layer2-3 trainable), 1 epoch, 2 iterations;
     every output file; evaluate CLI."""
@@ -202,88 +84,7 @@ def test_smoke_train_then_evaluate(tmp_path, tiny_data):
     assert (m96["val_size"], m96["val_max_size"], m96["num_images"]) == (96, 144, 4)
 
 
-def _iter_losses(out: Path) -> list[tuple[int, int, float]]:
-    return [(r["epoch"], r["iter"], r["loss"]) for r in read_jsonl(out / "log.jsonl") if r["type"] == "iter"]
-
-
-def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, tiny_config, capsys):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ("--config", str(tiny_config), "--no-progress", "--device", "cpu", "--num-workers", "0")
-    assert train_main(*common, "--epochs", "2", "--output", str(straight)) == 0
-    assert train_main(*common, "--epochs", "1", "--output", str(resumed)) == 0
-    torch.manual_seed(12345)  # whatever state the process is in, resume restores its own
-    assert train_main(*common, "--epochs", "2", "--output", str(resumed), "--resume") == 0
-    assert "resuming" in capsys.readouterr().out
-
-    a, b = _iter_losses(straight), _iter_losses(resumed)
-    assert len(a) == 8 and [x[:2] for x in a] == [x[:2] for x in b]  # 2 epochs x 4 iterations, no duplicates
-    assert a == b  # bit-identical losses, including the resumed epoch
-    ea = [r for r in read_jsonl(straight / "log.jsonl") if r["type"] == "epoch"]
-    eb = [r for r in read_jsonl(resumed / "log.jsonl") if r["type"] == "epoch"]
-    assert [r["train_loss"] for r in ea] == [r["train_loss"] for r in eb]
-    assert [r["AP"] for r in ea] == [r["AP"] for r in eb]
-    sa = read_checkpoint(straight / "checkpoint.pt")["model"]
-    sb = read_checkpoint(resumed / "checkpoint.pt")["model"]
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def test_resume_with_a_new_lr_drop_equals_a_fresh_run_with_it(tmp_path, tiny_config, capsys):
-    """``--resume --lr-drop N`` (shorten or lengthen a schedule before its drop) == a fresh run with N."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ("--config", str(tiny_config), "--no-progress", "--device", "cpu", "--num-workers", "0")
-    assert train_main(*common, "--epochs", "3", "--lr-drop", "2", "--output", str(straight)) == 0
-    assert train_main(*common, "--epochs", "1", "--output", str(resumed)) == 0  # lr_drop 100 in the config
-    # the drop must still be ahead of the finished epochs: a one-line error, nothing written
-    assert train_main(*common, "--epochs", "3", "--lr-drop", "1", "--output", str(resumed), "--resume") == 2
-    err = capsys.readouterr().err
-    assert "--lr-drop 1 with --resume" in err and "finished 1 epochs" in err and len(err.strip().splitlines()) == 1
-    assert train_main(*common, "--epochs", "3", "--lr-drop", "2", "--output", str(resumed), "--resume") == 0
-    assert _iter_losses(straight) == _iter_losses(resumed)
-    ea = [r for r in read_jsonl(straight / "log.jsonl") if r["type"] == "epoch"]
-    eb = [r for r in read_jsonl(resumed / "log.jsonl") if r["type"] == "epoch"]
-    assert [r["lr"] for r in ea] == [r["lr"] for r in eb] == pytest.approx([1e-4, 1e-4, 1e-5])
-    ckpt = read_checkpoint(resumed / "checkpoint.pt")
-    assert ckpt["config"]["train"]["lr_drop"] == 2 and ckpt["lr_scheduler"]["step_size"] == 2
-
-
-def test_kill_9_mid_epoch_then_resume(tmp_path, tiny_config):
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "detr_lite.train", "--config", str(tiny_config), "--epochs", "30",
-         "--output", str(out), "--no-progress", "--device", "cpu"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.time() + 180
-        log = out / "log.jsonl"
-        while time.time() < deadline:  # wait until epoch 1 (after checkpoint 1) is under way
-            if log.exists() and any(r["type"] == "iter" and r["epoch"] >= 1 for r in read_jsonl(log)):
-                break
-            assert proc.poll() is None, "trainer exited early"
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    _, _, ck = load_checkpoint(out / "checkpoint.pt")  # intact, whatever moment the kill hit
-    done = ck["epoch"]
-    assert done >= 1
-    r = run_cli(
-        "--config",
-        str(tiny_config),
-        "--epochs",
-        str(done + 1),
-        "--output",
-        str(out),
-        "--resume",
-        "--no-progress",
-    )
-    assert r.returncode == 0, r.stderr
-    assert read_checkpoint(out / "checkpoint.pt")["epoch"] == done + 1
-    # the half-finished epoch's records were dropped on resume: every (epoch, iter) once
-    keys = [(e, i) for e, i, _ in _iter_losses(out)]
-    assert len(keys) == len(set(keys)) == 4 * (done + 1)
-
-
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_config, monkeypatch, capsys):
     import detr_lite.models as models
     from detr_lite import train
@@ -341,6 +142,7 @@ def test_num_classes_too_small_is_an_error(tmp_path, tiny_data, capsys):
     )
 
 
+@pytest.mark.slow
 def test_finetune_to_other_classes_reinitialises_only_the_class_head(
     tmp_path, tiny_config, tiny_data, capsys
 ):
@@ -392,6 +194,7 @@ def test_evaluate_cli_errors(tmp_path, capsys):
     assert "--val-max-size 240 is below --val-size 250" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_evaluate_official_model_zoo_file(tmp_path, tiny_data, capsys):
     """An official-format file ({'model': state_dict} with backbone.0.body.* keys) via --official-arch."""
     from detr_lite import evaluate

@@ -1,6 +1,6 @@
 """Stand-ins for what a GPU check machine cannot download, so notebook 09 runs its real code path.
 
-* a COCO-2017-like dataset (``detr_lite.coco_fixture``: real category ids with gaps, crowd regions,
+* a COCO-2017-like dataset (``tests/coco_fixture.py``: real category ids with gaps, crowd regions,
   12-digit JPEG names) in the official layout under ``--coco``;
 * a **random** ResNet-50 saved where torchvision's ImageNet weights are looked up
   (``$TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth``): the notebook's ``PRETRAINED_BACKBONE``
@@ -26,10 +26,10 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from detr_lite.coco_fixture import make_coco_fixture  # noqa: E402
 from detr_lite.imagenet import pretrained_backbone_cache  # noqa: E402
 from detr_lite.models import build_model  # noqa: E402
 from detr_lite.official import official_config  # noqa: E402
+from tests.coco_fixture import make_coco_fixture  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
