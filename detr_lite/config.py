@@ -235,8 +235,7 @@ def _deformable_r50_two_stage_coco() -> Config:
     return cfg
 
 
-# Bundled synthetic data at ~0.75x its size (trains on a 2-core CPU): short side 96-128, val 112. The
-# toy Deformable DETR's data; the detr-shapes preset trains on the same and evaluates at 128.
+# The bundled synthetic data at ~0.75x its size (short side 96-128), cheap enough for a 2-core CPU.
 _SHAPES_SMALL_IMAGES = DataConfig(
     root="data/shapes",
     train_scales=(96, 104, 112, 120, 128),
@@ -255,12 +254,10 @@ def _detr_shapes() -> Config:
         model=ModelConfig(
             num_classes=6,
             backbone="resnet18",
-            # The backbone comes pretrained (python -m detr_lite.pretrain: the toy stand-in for
-            # ImageNet weights). As in official DETR, BatchNorm is frozen (FrozenBatchNorm2d) and so
-            # are conv1 + layer1; layer2-3 are fine-tuned, at a backbone lr of lr / 2 (train below).
-            # Fine-tuned, a step costs ~1.4x a fully frozen one but learns much faster per epoch
-            # (data/checkpoints/detr_shapes.md: frozen 0.360, layer2-3 at lr / 10 0.378, at lr / 2
-            # 0.504 AP on one pretext backbone, v10 / v12 / v13; the shipped run, 0.549).
+            # a pretrained backbone (python -m detr_lite.pretrain, the toy stand-in for ImageNet
+            # weights) with frozen BatchNorm, conv1 and layer1 as in official DETR; layer2-3 fine-tune,
+            # which learns faster per epoch than a frozen backbone (the card's table of recipe choices:
+            # data/checkpoints/detr_shapes.md)
             frozen_bn=True,
             train_backbone=True,
             hidden_dim=128,
@@ -269,39 +266,27 @@ def _detr_shapes() -> Config:
             dec_layers=3,
             dim_feedforward=512,
             dropout=0.0,
-            # 10 slots for at most 6 objects per image: each query is matched (trained on an object)
-            # twice as often as with 20, which measurably speeds up learning (data/checkpoints/detr_shapes.md)
+            # 10 slots for at most 6 objects per image: each query is matched to an object (and so
+            # trained on one) twice as often as with 20 (the card's table)
             num_queries=10,
-            # official DETR's --pre_norm variant, and a sine code with wavelengths up to 20 (not
-            # 10000): on a 7 x 10 grid most of the 10000-temperature channels are nearly constant;
-            # both measurably speed up the escape from the constant-prediction plateau
+            # official DETR's --pre_norm variant, and sine wavelengths up to 20, not 10000 (on a 7 x 10
+            # grid most 10000-temperature channels are nearly constant): both shorten the plateau of
+            # constant predictions (the card's table)
             pre_norm=True,
             pe_temperature=20.0,
-            # stop the ResNet-18 after layer3 (C4: 256 channels, stride 16): finer cells for the
-            # small toy images, and without layer4 (8.4 M of 11.2 M parameters) the fp16
-            # checkpoint fits in 12 MB
+            # ResNet-18 up to layer3 (C4: 256 channels, stride 16): finer cells for the small images,
+            # and without layer4 (8.4 M of 11.2 M parameters) the fp16 checkpoint fits in 12 MB
             backbone_layers=("layer3",),
         ),
-        # Budgeted for a 2-core CPU: training images at ~0.75x their size (short side 96-128, or a
-        # crop resized to it) for the first 70 epochs, then at ~their own size (x1.25: 120-160, max
-        # 240) for the last 20, across the lr drop (progressive resizing: the small images are 1.35x
-        # cheaper per epoch, the large ones name small shapes better); evaluation at the largest
-        # training scale, as the official recipe (trained at 480-800, evaluated at 800): short side
-        # 160. batch 4 = more optimiser steps per image seen; lr drop late; AP every 5 epochs.
-        # (data/checkpoints/detr_shapes.md has the evidence for each.)
+        # progressive resizing: small images (cheaper per epoch) for 70 epochs, then x1.25 (120-160 px,
+        # they show small shapes better) for the last 20; evaluated at the largest training scale,
+        # as the official recipe evaluates at 800 (the card's table)
         data=dataclasses.replace(
             _SHAPES_SMALL_IMAGES, val_size=160, val_max_size=240, late_scale=1.25, late_scale_after=70
         ),
-        # Backbone lr 1e-4 = lr / 2, not the official lr / 10: the official ratio protects ImageNet
-        # features, while our pretext features need reshaping for detection (lr / 10 ended at AP
-        # 0.378, lr / 2 at 0.504 on the same backbone: v12 / v13). (train.cached_views, a fixed pool of
-        # augmented views with cached features, needs a frozen backbone and overfit this small
-        # training split when tried: 115 epochs on 12 views ended at AP 0.37; the card.)
-        # No lr drop (lr_drop = epochs: the step would come after the last epoch) and instead a
-        # moving average of the weights (ema_decay 0.998, a ~500-step window), which is what is
-        # evaluated and saved: at the high lr the average is as good as dropped weights, and it
-        # keeps improving where the dropped lr stalls (branched from the same epoch 69: drop after
-        # 78 -> AP 0.574 / AP50 0.839; no drop + EMA -> 0.586 / 0.855; the card).
+        # backbone lr = lr / 2, not the official lr / 10: pretext features need more reshaping for
+        # detection than ImageNet ones; no lr drop (lr_drop = epochs) but a moving average of the
+        # weights (~500-step window), which is what is evaluated and saved (the card's table)
         train=TrainConfig(
             lr=2e-4, lr_backbone=1e-4, epochs=90, lr_drop=90, batch_size=4, eval_every=5, ema_decay=0.998
         ),

@@ -69,9 +69,8 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # foreach=True: torch picks the per-tensor Python loop on CPU by default; the multi-tensor
-    # path gives bit-identical weights (tests/test_engine_speed.py) with one call per op instead
-    # of one per parameter (on CUDA it is already the default)
+    # foreach=True: on CPU torch would pick the per-tensor Python loop; the multi-tensor path gives
+    # the same weights bit for bit (tests/test_engine.py) with one call per op, not per parameter
     return torch.optim.AdamW(
         build_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
     )
