@@ -13,3 +13,6 @@ _spec = importlib.util.spec_from_file_location(
 _fixture = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_fixture)
 FIXTURE_CATEGORIES, make_coco_fixture = _fixture.FIXTURE_CATEGORIES, _fixture.make_coco_fixture
+
+if __name__ == "__main__":
+    raise SystemExit("python -m detr_lite.coco_fixture moved: python -m tests.coco_fixture --out DIR (from the repository root)")

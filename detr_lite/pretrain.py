@@ -166,7 +166,7 @@ def pretrain_backbone(
     head = DenseHead(backbone.num_channels[-1], model_cfg.num_classes)
     params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4, foreach=True)  # = the CPU loop's weights, faster
-    loaders = build_loaders(cfg, datasets)
+    loaders = build_loaders(cfg, datasets, max_iters=max_iters)
     train_loader, val_loader, batches = loaders.train, loaders.val, loaders.batches
     history = []
     for epoch in range(epochs):
@@ -181,8 +181,6 @@ def pretrain_backbone(
         t0, sums, n = time.perf_counter(), {"loss_heat": 0.0, "loss_ltrb": 0.0}, 0
         bar = tqdm(train_loader, desc=f"pretrain {epoch}", disable=not progress, leave=False)
         for it, (images, mask, targets) in enumerate(bar):
-            if max_iters is not None and it >= max_iters:
-                break
             losses = _step_loss(backbone, head, images, mask, targets)
             if not math.isfinite(float(losses["loss"].detach())):
                 raise RuntimeError(f"pretrain: non-finite loss at epoch {epoch} iteration {it}")
@@ -200,9 +198,7 @@ def pretrain_backbone(
             head.eval()
             vs, vn = {"loss_heat": 0.0, "loss_ltrb": 0.0}, 0
             with torch.no_grad():
-                for it, (images, mask, targets) in enumerate(val_loader):
-                    if max_iters is not None and it >= max_iters:
-                        break
+                for images, mask, targets in val_loader:
                     losses = _step_loss(backbone, head, images, mask, targets)
                     for k in vs:
                         vs[k] += float(losses[k])
