@@ -67,8 +67,10 @@ test: $(STAMP) lint sync-check unit nbval
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+## All pytest tests; the quick inner loop skips the end-to-end runs: make unit PYTEST_ARGS='-m "not slow"'
+PYTEST_ARGS ?=
 unit: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 ## Every notebooks/NN_*.py has an executed, cell-for-cell identical notebooks/NN_*.ipynb (and vice versa).
 sync-check: $(STAMP)
