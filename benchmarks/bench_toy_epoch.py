@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detr_lite.config import get_config  # noqa: E402
+from detr_lite.data.loaders import build_loaders  # noqa: E402
 from detr_lite.deformable import msda, msda_fast  # noqa: E402
 from detr_lite.engine import build_optimizer, weighted_loss  # noqa: E402
 from detr_lite.models import build_criterion, build_model  # noqa: E402
-from detr_lite.train import build_loaders  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,7 @@ def main():
     runs = {label: setup(name, clocks[label], impl) for label, name, impl in peers}
     _timed_msda(clocks[peers[1][0]])
     cfg = runs[peers[0][0]][0]
-    loader = build_loaders(cfg)[2]
+    loader = build_loaders(cfg).train
     steps_per_epoch = len(loader)
     batches = iter(loader)
     warmup = 5
