@@ -21,30 +21,19 @@ from detr_lite.config import ModelConfig
 from detr_lite.deformable.model import DeformableDETR
 from detr_lite.deformable.msda import MSDeformAttn
 from detr_lite.deformable.transformer import get_valid_ratio, inverse_sigmoid
+from tests.helpers import tiny_model_cfg
 
 B, H, W = 2, 128, 160
 
 
 def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(
-        arch="deformable_detr",
-        num_classes=5,
-        backbone="resnet18",
-        frozen_bn=False,
-        hidden_dim=64,
-        nheads=4,
-        enc_layers=2,
-        dec_layers=3,
-        dim_feedforward=96,
-        dropout=0.0,
-        num_queries=10,
-        num_feature_levels=4,
-        enc_n_points=2,
-        dec_n_points=3,
-        backbone_layers=("layer2", "layer3"),
-    )
-    base.update(kw)
-    return ModelConfig(**base)
+    """A 4-level toy Deformable DETR (tests/helpers.tiny_model_cfg with the deformable settings)."""
+    deformable = dict(
+        arch="deformable_detr", num_classes=5, hidden_dim=64, nheads=4, enc_layers=2, dec_layers=3,
+        dim_feedforward=96, dropout=0.0, num_queries=10, num_feature_levels=4, enc_n_points=2,
+        dec_n_points=3, backbone_layers=("layer2", "layer3"),
+    )  # fmt: skip
+    return tiny_model_cfg(**{**deformable, **kw})
 
 
 def make_model(**kw) -> DeformableDETR:
